@@ -1,0 +1,3 @@
+from recu_cli.cli import main
+
+main()

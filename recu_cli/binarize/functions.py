@@ -1,0 +1,96 @@
+"""Sign functions of ReCU with their surrogate gradients.
+
+One convention for sign(0) everywhere: 0 maps to +1 (the paper's Eq. 2), because one bit
+cannot store 0 and a packed checkpoint must reproduce the trained model exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACT_EPS = 1e-5
+
+
+def sign_pos(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1, in x's dtype."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return torch.where(x >= 0, one, -one)
+
+
+class _WeightSignSTE(torch.autograd.Function):
+    """Forward sign_pos, backward identity (no |w| <= 1 cut-off, as in the ReCU code)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return sign_pos(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return grad
+
+
+def weight_sign_ste(w: torch.Tensor) -> torch.Tensor:
+    """Binarize weights; gradient passes straight through."""
+    return _WeightSignSTE.apply(w)
+
+
+def approx_sign_grad(a0: torch.Tensor) -> torch.Tensor:
+    """Bi-Real ApproxSign derivative: max(0, 2 - |2 a0|)."""
+    return (2.0 - 2.0 * a0.abs()).clamp_(min=0.0)
+
+
+class _ApproxSign(torch.autograd.Function):
+    """sign_pos forward, ApproxSign backward."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(a)
+        return sign_pos(a)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        (a,) = ctx.saved_tensors
+        return grad * approx_sign_grad(a)
+
+
+class _RescaledApproxSign(torch.autograd.Function):
+    """sign(A / s) with s = sqrt(var(A over C,H,W) + eps) per sample, fused.
+
+    Since s > 0, sign(A / s) == sign(A): the forward needs only the reduction for s. The
+    backward is the exact derivative of ApproxSign(A / s), s included (not detached):
+        g0 = grad * max(0, 2 - |2 A/s|)
+        dA = g0 / s - (A - mean) * sum(g0 * A) / ((N - 1) s^3)
+    which autograd would otherwise build from ~10 separate full-size tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dims = tuple(range(1, a.dim()))
+        var, mean = torch.var_mean(a, dim=dims, keepdim=True, correction=1)
+        std = torch.sqrt(var + ACT_EPS)
+        ctx.save_for_backward(a, mean, std)
+        return sign_pos(a)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        a, mean, std = ctx.saved_tensors
+        dims = tuple(range(1, a.dim()))
+        n = a[0].numel()
+        g0 = grad * approx_sign_grad(a / std)
+        coef = (g0 * a).sum(dim=dims, keepdim=True) / ((n - 1) * std**3)
+        return g0 / std - (a - mean) * coef
+
+
+def activation_sign(a: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """Binarize activations; rescale=True applies the training-time per-sample rescale."""
+    if not torch.is_grad_enabled() or not a.requires_grad:
+        return sign_pos(a)
+    if rescale:
+        return _RescaledApproxSign.apply(a)
+    return _ApproxSign.apply(a)
+
+
+def rescale_activation(a: torch.Tensor) -> torch.Tensor:
+    """Reference (unfused) training-time rescale A / sqrt(var + eps); used by tests."""
+    dims = tuple(range(1, a.dim()))
+    return a / torch.sqrt(a.var(dim=dims, keepdim=True, unbiased=True) + ACT_EPS)

@@ -1,0 +1,235 @@
+"""ReCUConv2d (training form) and BinaryConv2d (deploy form).
+
+Every formula of recu-method.md section 1 lives in `ReCUConv2d.quantize`; the statistics in
+`recu_cli.stats` reuse it instead of re-deriving W1 and Q.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recu_cli.binarize.functions import activation_sign, sign_pos, weight_sign_ste
+
+WEIGHT_EPS = 1e-5
+AlphaMode = Literal["learned", "analytic"]
+ALPHA_MODES = ("learned", "analytic")
+
+
+class Quantized(NamedTuple):
+    """Intermediate tensors of the weight path, named as in the paper."""
+
+    w1: torch.Tensor  # standardized latent weights
+    b_hat: torch.Tensor  # Laplace scale of the layer (0-dim, detached)
+    q: torch.Tensor  # clamp threshold Q(tau) (0-dim, +inf at tau = 1)
+    w2: torch.Tensor  # ReCU(W1) = clamp(W1, -Q, Q)
+
+
+def recu_threshold(b_hat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Q(tau) = -b_hat * ln(2 - 2 tau): the tau-quantile of Laplace(0, b_hat); +inf at tau = 1."""
+    return -b_hat * torch.log(2.0 - 2.0 * tau)
+
+
+class ReCUConv2d(nn.Conv2d):
+    """A 1-bit convolution trained with ReCU (rectified clamp unit).
+
+    Takes nn.Conv2d's arguments plus:
+      b_star: target Laplace scale of the standardized weights (paper default 2).
+      tau: initial clamp quantile (a buffer, so it is saved with the model).
+      standardize: per-filter centring + scaling (ablation switch; off = raw weights).
+      clamp: apply ReCU's clamp at +-Q(tau) (ablation switch; off = plain sign).
+      alpha_mode: "learned" per-channel scale (authors' code) or "analytic" E|ReCU(W)|
+        per output channel (the paper's text).
+      rescale_activations: training-time per-sample A / std(A) before sign.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        b_star: float = 2.0,
+        tau: float = 0.85,
+        standardize: bool = True,
+        clamp: bool = True,
+        alpha_mode: AlphaMode = "learned",
+        rescale_activations: bool = True,
+    ) -> None:
+        if padding_mode != "zeros":
+            raise ValueError("ReCUConv2d supports zero padding only (the bit runtime assumes it)")
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {alpha_mode!r}")
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, device=device, dtype=dtype,
+        )
+        self.b_star = float(b_star)
+        self.standardize = bool(standardize)
+        self.clamp = bool(clamp)
+        self.alpha_mode: AlphaMode = alpha_mode
+        self.rescale_activations = bool(rescale_activations)
+        self.register_buffer("tau", torch.tensor(float(tau), device=device))
+        alpha = torch.rand(out_channels, 1, 1, device=device)  # reference init: U[0, 1)
+        if alpha_mode == "learned":
+            self.alpha = nn.Parameter(alpha)
+        else:
+            self.register_buffer("alpha", alpha)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, alpha_init: Literal["pretrained", "random"] = "pretrained", **kw
+    ) -> ReCUConv2d:
+        """Binarize an existing conv, keeping its weights as the latent weights."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype, **kw,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+            if alpha_init == "pretrained":
+                w = conv.weight
+                w0 = w - w.mean(dim=(1, 2, 3), keepdim=True)
+                layer.alpha.copy_(w0.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1))
+        return layer
+
+    def set_tau(self, tau: float) -> None:
+        self.tau.fill_(float(tau))
+
+    @property
+    def gain(self) -> float:
+        """sqrt(2) * b_star: the std of a Laplace(0, b_star)."""
+        return math.sqrt(2.0) * self.b_star
+
+    def quantize(self) -> Quantized:
+        """W -> W1 (standardize) -> b_hat, Q(tau) -> W2 = clamp(W1, -Q, Q). No host sync."""
+        w = self.weight
+        if self.standardize:
+            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=1)
+            w1 = (w - mean) * (self.gain * torch.rsqrt(var + WEIGHT_EPS))
+        else:
+            w1 = w
+        b_hat = w1.detach().abs().mean()
+        q = recu_threshold(b_hat, self.tau.to(w1.dtype))
+        w2 = torch.clamp(w1, -q, q) if self.clamp else w1
+        return Quantized(w1, b_hat, q, w2)
+
+    def binary_weight(self) -> torch.Tensor:
+        """The +-1 weights used in the forward (straight-through gradient to the latents)."""
+        return weight_sign_ste(self.quantize().w2)
+
+    def dead_mask(self) -> torch.Tensor:
+        """Latent weights that ReCU clamps (|W1| > Q): the paper's dead weights."""
+        qz = self.quantize()
+        return qz.w1.detach().abs() > qz.q
+
+    def effective_alpha(self, w2: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-output-channel scale [Cout, 1, 1] applied to the binary conv."""
+        if self.alpha_mode == "learned":
+            return self.alpha
+        if w2 is None:
+            w2 = self.quantize().w2
+        alpha = w2.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1)
+        with torch.no_grad():
+            self.alpha.copy_(alpha.detach())
+        return alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        qz = self.quantize()
+        wb = weight_sign_ste(qz.w2)
+        xb = activation_sign(x, rescale=self.training and self.rescale_activations)
+        out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
+        out = out * self.effective_alpha(qz.w2)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            super().extra_repr()
+            + f", b_star={self.b_star}, standardize={self.standardize}, clamp={self.clamp}, "
+            f"alpha_mode={self.alpha_mode}"
+        )
+
+
+class BinaryConv2d(nn.Module):
+    """Deploy form: ready +-1 weights and a per-channel scale; nothing left to train.
+
+    Its eval output equals ReCUConv2d's eval output exactly (same sign convention, same
+    conv, same scale), which is what makes a packed checkpoint faithful.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.dilation = tuple(dilation)
+        self.groups = groups
+        kh, kw = self.kernel_size
+        self.register_buffer("weight_sign", torch.ones(out_channels, in_channels // groups, kh, kw))
+        self.register_buffer("alpha", torch.ones(out_channels, 1, 1))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    @classmethod
+    def from_recu(cls, layer: ReCUConv2d) -> BinaryConv2d:
+        pad = layer.padding
+        if isinstance(pad, str):
+            raise ValueError("string padding is not supported in the deploy form")
+        out = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, pad,
+            layer.dilation, layer.groups, layer.bias is not None,
+        )
+        with torch.no_grad():
+            out.weight_sign.copy_(layer.binary_weight())
+            out.alpha.copy_(layer.effective_alpha())
+            if layer.bias is not None:
+                out.bias.copy_(layer.bias)
+        return out.to(layer.weight.device)
+
+    def binary_weight(self) -> torch.Tensor:
+        return self.weight_sign
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = F.conv2d(
+            sign_pos(x), self.weight_sign.to(x.dtype), None, self.stride, self.padding,
+            self.dilation, self.groups,
+        )
+        out = out * self.alpha.to(out.dtype)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}"
+        )

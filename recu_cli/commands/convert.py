@@ -1,0 +1,71 @@
+"""`recu convert`: binarize a model without training; report what changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recu_cli.app import app, console, print_json
+from recu_cli.commands.options import (
+    Activation,
+    AlphaInit,
+    AlphaMode,
+    BStar,
+    Json,
+    Keep,
+    NoStandardize,
+    NumClasses,
+    PlainSign,
+    Pretrained,
+    Weights,
+    convert_config,
+)
+from recu_cli.errors import RecuError
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="Model name: timm (resnet18), torchvision (tv:resnet18) or recu's (resnet20).")],
+    weights: Weights = None,
+    pretrained: Pretrained = False,
+    num_classes: NumClasses = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a packed .safetensors file.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print the conversion report.")] = False,
+    keep: Keep = None,
+    act: Activation = "hardtanh",
+    b_star: BStar = 2.0,
+    alpha_init: AlphaInit = "pretrained",
+    alpha_mode: AlphaMode = "learned",
+    no_standardize: NoStandardize = False,
+    plain_sign: PlainSign = False,
+    tau: Annotated[float, typer.Option("--tau", help="tau recorded in the layers (1 = no clamp).")] = 1.0,
+    half: Annotated[bool, typer.Option("--half", help="Store full-precision tensors as fp16.")] = False,
+    keep_latent: Annotated[bool, typer.Option("--keep-latent", help="Also store the latent weights.")] = False,
+    json_out: Json = False,
+) -> None:
+    """Binarize MODEL's convolutions (no training) and print what became binary and why."""
+    from recu_cli.convert import convert_model
+    from recu_cli.models import create_model
+
+    if not dry_run and output is None:
+        raise RecuError("nothing to do: pass --dry-run to see the report or -o FILE to write a packed file")
+    config = convert_config(keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau)
+    net, spec = create_model(model, num_classes=num_classes, pretrained=pretrained, weights=weights)
+    net, report = convert_model(net, config)
+    result = {"model": spec.full_name, **report.to_dict(net)}
+    if output is not None:
+        from recu_cli.pack import save
+
+        summary = save(output, net, spec, config, half=half, keep_latent=keep_latent)
+        result["output"] = str(output)
+        result["file"] = summary
+    if json_out:
+        print_json(result)
+        return
+    from recu_cli.report.conversion import render_conversion
+
+    render_conversion(console, report, net, title=f"{spec.full_name}: ReCU conversion")
+    if output is not None:
+        console.print(f"wrote {output} ({output.stat().st_size:,} bytes)")

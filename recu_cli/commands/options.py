@@ -1,0 +1,65 @@
+"""Options shared by several commands, declared once so their names and help agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from recu_cli.convert import ConvertConfig
+
+Weights = Annotated[
+    Optional[Path],
+    typer.Option("--weights", "-w", help="Local weights: .safetensors, or .pth/.th/.pt (loaded with weights_only=True)."),
+]
+Pretrained = Annotated[
+    bool, typer.Option("--pretrained", help="Download the model's pretrained weights from the hub (online).")
+]
+NumClasses = Annotated[
+    Optional[int], typer.Option("--num-classes", min=1, help="Classifier size (default: the model's or the data's).")
+]
+Keep = Annotated[
+    Optional[list[str]],
+    typer.Option("--keep", help="fnmatch pattern of layer names to keep full precision (repeatable), e.g. 'layer4.*'."),
+]
+Activation = Annotated[
+    str, typer.Option("--act", help="Sign-friendly activation that replaces ReLU: hardtanh, prelu or identity.")
+]
+BStar = Annotated[float, typer.Option("--b-star", help="Laplace scale of the standardized weights (paper: 2).")]
+AlphaInit = Annotated[
+    str, typer.Option("--alpha-init", help="'pretrained' (mean |W - mean| per channel) or 'random' (reference U[0,1)).")
+]
+AlphaMode = Annotated[
+    str, typer.Option("--alpha-mode", help="'learned' per-channel scale (authors' code) or 'analytic' E|ReCU(W)| (paper).")
+]
+NoStandardize = Annotated[
+    bool, typer.Option("--no-standardize", help="Ablation: skip per-filter weight standardization.")
+]
+PlainSign = Annotated[
+    bool, typer.Option("--plain-sign", help="Baseline: plain sign(W), no standardization and no ReCU clamp.")
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def convert_config(
+    keep: list[str] | None,
+    act: str,
+    b_star: float,
+    alpha_init: str,
+    alpha_mode: str = "learned",
+    no_standardize: bool = False,
+    plain_sign: bool = False,
+    tau: float = 1.0,
+) -> ConvertConfig:
+    return ConvertConfig(
+        keep=tuple(keep or ()),
+        activation=act,
+        b_star=b_star,
+        tau=tau,
+        alpha_init=alpha_init,
+        alpha_mode=alpha_mode,
+        standardize=not (no_standardize or plain_sign),
+        clamp=not plain_sign,
+    )

@@ -1,0 +1,152 @@
+"""Datasets and loaders: ImageFolder trees, torchvision datasets by name, the built-in demo.
+
+Transforms follow the model: timm's own transforms for ImageNet-sized inputs, and the
+standard CIFAR crop(pad 4)+flip for small (<= 64 px) inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+from recu_cli.errors import RecuError
+from recu_cli.models import ModelSpec
+
+SMALL_INPUT = 64
+TORCHVISION_DATASETS = {
+    "cifar10": datasets.CIFAR10,
+    "cifar100": datasets.CIFAR100,
+    "mnist": datasets.MNIST,
+    "fashion-mnist": datasets.FashionMNIST,
+    "fashion_mnist": datasets.FashionMNIST,
+}
+GREY_DATASETS = ("mnist", "fashion-mnist", "fashion_mnist", "demo")
+
+
+@dataclass
+class DataBundle:
+    train: Dataset | None
+    val: Dataset
+    classes: list[str]
+    source: str
+
+
+def build_transform(spec: ModelSpec, train: bool, grey: bool = False) -> transforms.Compose:
+    """Transform matched to the model's recorded input size and normalisation."""
+    size = int(spec.input_size[-1])
+    steps: list = []
+    if grey and spec.input_size[0] == 3:
+        steps.append(transforms.Grayscale(num_output_channels=3))
+    if size <= SMALL_INPUT:
+        steps.append(transforms.Resize(size))
+        if train:
+            steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
+        steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+        return transforms.Compose(steps)
+    from timm.data import create_transform
+
+    tf = create_transform(
+        input_size=tuple(spec.input_size),
+        is_training=train,
+        interpolation=spec.interpolation,
+        mean=spec.mean,
+        std=spec.std,
+        crop_pct=spec.crop_pct,
+    )
+    return transforms.Compose(steps + [tf]) if steps else tf
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("RECU_DATA_ROOT", Path.home() / ".cache" / "recu" / "datasets"))
+
+
+def build_data(data: str, spec: ModelSpec, train: bool = True) -> DataBundle:
+    """`data` is a folder with train/ and val/, a torchvision dataset name, or 'demo'."""
+    key = data.lower()
+    if key == "demo":
+        from recu_cli.demo import demo_datasets
+
+        tr, va = demo_datasets(build_transform(spec, True, grey=True), build_transform(spec, False, grey=True))
+        return DataBundle(tr if train else None, va, va.classes, "demo")
+    path = Path(data).expanduser()
+    if path.is_dir():
+        return _image_folder(path, spec, train)
+    if key in TORCHVISION_DATASETS and not path.exists():
+        return _torchvision(key, spec, train)
+    raise RecuError(
+        f"data folder not found: {data}; give a folder with train/ and val/ ImageFolder "
+        f"trees, 'demo', or one of {', '.join(sorted(set(TORCHVISION_DATASETS)))}"
+    )
+
+
+def _image_folder(root: Path, spec: ModelSpec, train: bool) -> DataBundle:
+    val_dir = next((root / n for n in ("val", "validation") if (root / n).is_dir()), None)
+    if val_dir is None:
+        raise RecuError(f"{root} has no val/ folder; expected {root}/val/<class>/<image> files")
+    train_ds = None
+    if train:
+        if not (root / "train").is_dir():
+            raise RecuError(f"{root} has no train/ folder; expected {root}/train/<class>/<image> files")
+        train_ds = _folder(root / "train", build_transform(spec, True))
+    val_ds = _folder(val_dir, build_transform(spec, False))
+    if train_ds is not None and train_ds.classes != val_ds.classes:
+        raise RecuError(f"train/ and val/ of {root} have different class folders; make them match")
+    return DataBundle(train_ds, val_ds, list(val_ds.classes), str(root))
+
+
+def _folder(path: Path, tf: transforms.Compose) -> datasets.ImageFolder:
+    try:
+        ds = datasets.ImageFolder(str(path), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise RecuError(
+            f"{path} has no class folders with images ({str(e).splitlines()[0]}); "
+            "expected <class>/<image> files"
+        ) from e
+    return ds
+
+
+def _torchvision(key: str, spec: ModelSpec, train: bool) -> DataBundle:
+    cls = TORCHVISION_DATASETS[key]
+    root = default_root() / key
+    grey = key in GREY_DATASETS
+    try:
+        val = cls(str(root), train=False, download=True, transform=build_transform(spec, False, grey))
+        tr = (
+            cls(str(root), train=True, download=True, transform=build_transform(spec, True, grey))
+            if train
+            else None
+        )
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise RecuError(
+            f"could not find or download {key} under {root} ({str(e).splitlines()[0][:120]}); "
+            "when offline, put the files there (or set RECU_DATA_ROOT), or pass a folder",
+            exit_code=1,
+        ) from e
+    return DataBundle(tr, val, list(val.classes), f"{key}:{root}")
+
+
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
+    drop_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        generator=generator,
+    )

@@ -1,0 +1,56 @@
+"""Top-1 / top-5 accuracy of any classifier on a loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recu_cli.progress import make_progress
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    loss: float
+    images: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "images": self.images}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device | str = "cpu",
+    quiet: bool = True,
+    description: str = "eval",
+    max_batches: int | None = None,
+) -> EvalResult:
+    """Accuracy in percent, as timm prints it; the loss is mean cross-entropy."""
+    model.eval()
+    correct1 = correct5 = n = 0
+    loss_sum = 0.0
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    with make_progress(quiet) as progress:
+        task = progress.add_task(description, total=total, info="")
+        for i, (images, targets) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            logits = model(images).float()
+            loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hits = top.eq(targets.view(-1, 1))
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=1).sum())
+            n += targets.numel()
+            progress.update(task, advance=1, info=f"top-1 {100.0 * correct1 / max(n, 1):.2f}%")
+    if n == 0:
+        return EvalResult(0.0, 0.0, float("nan"), 0)
+    return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, n)

@@ -1,0 +1,1 @@
+"""Rendering: rich tables, terminal histograms and (optional) matplotlib figures."""

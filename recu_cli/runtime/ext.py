@@ -1,0 +1,132 @@
+"""Build the C++ XNOR kernels on first use and load them from a per-user cache afterwards.
+
+The library is compiled without -march (the kernels pick AVX-512 VPOPCNTDQ, AVX2 or scalar
+code at run time), so one cached build is valid on any CPU of the machine's architecture.
+The cache key covers the source, the flags, torch and Python, because a C++ extension is
+tied to the exact torch ABI it was built against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recu_cli.errors import RecuError
+
+EXT_NAME = "recu_xnor"
+SOURCE = Path(__file__).parent / "csrc" / "xnor.cpp"
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall"]
+LDFLAGS = ["-fopenmp"]
+ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512_vpopcntdq"}
+ISA_CODES = {"auto": -1, **{v: k for k, v in ISA_NAMES.items()}}
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"ops": None, "error": None}
+
+
+def cache_root() -> Path:
+    """RECU_EXT_DIR, else TORCH_EXTENSIONS_DIR/recu, else ~/.cache/recu/ext (XDG aware)."""
+    if os.environ.get("RECU_EXT_DIR"):
+        return Path(os.environ["RECU_EXT_DIR"])
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "recu"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "recu" / "ext"
+
+
+def build_key() -> str:
+    """Hash of everything the compiled library depends on."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, sys.version, platform.machine()):
+        h.update(part.encode())
+    return h.hexdigest()[:12]
+
+
+def _toolchain_problem() -> str | None:
+    """Why a JIT build cannot even start, or None."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler found ('{cxx}' is not on PATH; install g++ or clang, or set CXX)"
+    if not _import_cpp_extension().is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _import_cpp_extension() -> Any:
+    """Import torch.utils.cpp_extension without its 'No CUDA runtime' warning on CPU builds."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp
+
+        return cpp
+    finally:
+        log.setLevel(level)
+
+
+def _build() -> Any:
+    problem = _toolchain_problem()
+    if problem is not None:
+        raise RecuError(f"cannot build the xnor kernels: {problem}; use --engine int8 or torch")
+    if not SOURCE.is_file():
+        raise RecuError(f"xnor kernel source missing at {SOURCE}; reinstall recu", exit_code=1)
+    cpp = _import_cpp_extension()
+    key = build_key()
+    build_dir = cache_root() / f"{EXT_NAME}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp.load(
+            name=f"{EXT_NAME}_{key}",
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            build_directory=str(build_dir),
+            with_cuda=False,
+            is_python_module=False,
+            verbose=bool(os.environ.get("RECU_EXT_VERBOSE")),
+        )
+    except Exception as e:  # noqa: BLE001 - compiler output is long; keep its last line
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise RecuError(
+            f"building the xnor kernels failed ({last}); rerun with RECU_EXT_VERBOSE=1 to see "
+            f"the compiler output, or use --engine int8 or torch",
+            exit_code=1,
+        ) from e
+    return torch.ops.recu_xnor
+
+
+def ops() -> Any:
+    """The loaded op namespace (torch.ops.recu_xnor); builds once per process, else RecuError."""
+    with _lock:
+        if _state["ops"] is not None:
+            return _state["ops"]
+        if _state["error"] is not None:
+            raise _state["error"]
+        try:
+            _state["ops"] = _build()
+        except RecuError as e:
+            _state["error"] = e
+            raise
+        return _state["ops"]
+
+
+def isa_code(isa: str) -> int:
+    """Map 'auto' / 'avx512_vpopcntdq' / 'avx2' / 'generic' to the kernel's code."""
+    if isa not in ISA_CODES:
+        raise RecuError(f"unknown xnor ISA {isa!r}; choose one of {', '.join(ISA_CODES)}")
+    return ISA_CODES[isa]
+
+
+def detected_isa() -> str:
+    """The ISA the kernels use on this CPU when isa='auto'."""
+    return ISA_NAMES[int(ops().detect_isa())]
