@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import click
-
 from recu_cli.app import DEBUG, app, err_console
 from recu_cli.commands import register_all
 from recu_cli.errors import RecuError
@@ -24,29 +22,40 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print_exception()
         err_console.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("[bold red]interrupted[/]")
-        sys.exit(130)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
         sys.exit(130)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.UsageError as e:
-        hint = f" (see 'recu {e.ctx.info_name} --help')" if e.ctx and e.ctx.info_name else ""
-        if e.ctx is not None and e.ctx.parent is None:
-            hint = " (see 'recu --help')"
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
-        sys.exit(2)
-    except click.exceptions.ClickException as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", soft_wrap=True)
-        sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - last resort: one line unless --debug
+        _exit_for_click(e)
         if DEBUG["enabled"]:
             raise
         err_console.print(
             f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for a traceback)",
-            markup=True, soft_wrap=True,
+            markup=True,
+            soft_wrap=True,
         )
         sys.exit(1)
     sys.exit(0)
+
+
+def _exit_for_click(e: Exception) -> None:
+    """Click's (or Typer's vendored click's) own exceptions, matched by shape, not class."""
+    name = type(e).__name__
+    if name == "Exit":
+        sys.exit(getattr(e, "exit_code", 0))
+    if name == "Abort":
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+        if not e.format_message():  # help was shown (no arguments): nothing to add
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = ""
+        if ctx is not None and getattr(ctx, "info_name", None):
+            hint = (
+                " (see 'recu --help')"
+                if ctx.parent is None
+                else f" (see 'recu {ctx.info_name} --help')"
+            )
+        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        sys.exit(e.exit_code)

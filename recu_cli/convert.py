@@ -182,13 +182,28 @@ def _rewrite_block(block: nn.Module, activation: str) -> nn.Module:
     get = lambda n: getattr(block, n, None)  # noqa: E731 - attribute-or-None
     if isinstance(block, BASIC_BLOCKS):
         return BiRealBasicBlock(
-            block.conv1, block.bn1, block.conv2, block.bn2, get("downsample"), activation,
-            aa=get("aa"), se=get("se"),
+            block.conv1,
+            block.bn1,
+            block.conv2,
+            block.bn2,
+            get("downsample"),
+            activation,
+            aa=get("aa"),
+            se=get("se"),
         )
     act3 = get("act3") or get("relu") or nn.ReLU(inplace=True)
     return BiRealBottleneck(
-        block.conv1, block.bn1, block.conv2, block.bn2, block.conv3, block.bn3,
-        get("downsample"), activation, act3=act3, aa=get("aa"), se=get("se"),
+        block.conv1,
+        block.bn1,
+        block.conv2,
+        block.bn2,
+        block.conv3,
+        block.bn3,
+        get("downsample"),
+        activation,
+        act3=act3,
+        aa=get("aa"),
+        se=get("se"),
     )
 
 

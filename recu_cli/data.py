@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from recu_cli.errors import RecuError
+from recu_cli.idx import DEBIAN_FASHION_ROOT, idx_split
 from recu_cli.models import ModelSpec
 
 SMALL_INPUT = 64
@@ -45,7 +46,10 @@ def build_transform(spec: ModelSpec, train: bool, grey: bool = False) -> transfo
     if size <= SMALL_INPUT:
         steps.append(transforms.Resize(size))
         if train:
-            steps += [transforms.RandomCrop(size, padding=size // 8), transforms.RandomHorizontalFlip()]
+            steps += [
+                transforms.RandomCrop(size, padding=size // 8),
+                transforms.RandomHorizontalFlip(),
+            ]
         steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
         return transforms.Compose(steps)
     from timm.data import create_transform
@@ -69,10 +73,9 @@ def build_data(data: str, spec: ModelSpec, train: bool = True) -> DataBundle:
     """`data` is a folder with train/ and val/, a torchvision dataset name, or 'demo'."""
     key = data.lower()
     if key == "demo":
-        from recu_cli.demo import demo_datasets
+        from recu_cli.demo import DEMO_ROOT
 
-        tr, va = demo_datasets(build_transform(spec, True, grey=True), build_transform(spec, False, grey=True))
-        return DataBundle(tr if train else None, va, va.classes, "demo")
+        return _idx_bundle(DEMO_ROOT, spec, train, "demo")
     path = Path(data).expanduser()
     if path.is_dir():
         return _image_folder(path, spec, train)
@@ -91,7 +94,9 @@ def _image_folder(root: Path, spec: ModelSpec, train: bool) -> DataBundle:
     train_ds = None
     if train:
         if not (root / "train").is_dir():
-            raise RecuError(f"{root} has no train/ folder; expected {root}/train/<class>/<image> files")
+            raise RecuError(
+                f"{root} has no train/ folder; expected {root}/train/<class>/<image> files"
+            )
         train_ds = _folder(root / "train", build_transform(spec, True))
     val_ds = _folder(val_dir, build_transform(spec, False))
     if train_ds is not None and train_ds.classes != val_ds.classes:
@@ -114,8 +119,12 @@ def _torchvision(key: str, spec: ModelSpec, train: bool) -> DataBundle:
     cls = TORCHVISION_DATASETS[key]
     root = default_root() / key
     grey = key in GREY_DATASETS
+    if cls is datasets.FashionMNIST and not root.exists() and DEBIAN_FASHION_ROOT.is_dir():
+        return _idx_bundle(DEBIAN_FASHION_ROOT, spec, train, "fashion-mnist")
     try:
-        val = cls(str(root), train=False, download=True, transform=build_transform(spec, False, grey))
+        val = cls(
+            str(root), train=False, download=True, transform=build_transform(spec, False, grey)
+        )
         tr = (
             cls(str(root), train=True, download=True, transform=build_transform(spec, True, grey))
             if train
@@ -128,6 +137,12 @@ def _torchvision(key: str, spec: ModelSpec, train: bool) -> DataBundle:
             exit_code=1,
         ) from e
     return DataBundle(tr, val, list(val.classes), f"{key}:{root}")
+
+
+def _idx_bundle(root: Path, spec: ModelSpec, train: bool, source: str) -> DataBundle:
+    val = idx_split(root, "val", build_transform(spec, False, grey=True))
+    tr = idx_split(root, "train", build_transform(spec, True, grey=True)) if train else None
+    return DataBundle(tr, val, val.classes, f"{source}:{root}")
 
 
 def make_loader(

@@ -6,6 +6,7 @@ resnet20/32/44/56 and vgg_small), `tv:resnet18` or `torchvision:resnet18` (torch
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import pickle
@@ -116,9 +117,7 @@ def _create_timm(arch: str, num_classes: int | None, pretrained: bool) -> nn.Mod
     if pretrained and timm.get_pretrained_cfg(arch.split(".")[0]) is not None:
         cfg = timm.models.get_pretrained_cfg(arch)
         if cfg is not None and not (cfg.url or cfg.hf_hub_id or cfg.file):
-            raise RecuError(
-                f"'{arch}' has no downloadable pretrained weights; pass --weights FILE"
-            )
+            raise RecuError(f"'{arch}' has no downloadable pretrained weights; pass --weights FILE")
     if pretrained:
         _use_cache_only_when_offline("huggingface.co")
     try:
@@ -177,6 +176,15 @@ def _reset_tv_head(model: nn.Module, num_classes: int) -> None:
     head = model.get_submodule(head_name)
     if isinstance(head, nn.Linear) and head.out_features != num_classes:
         _set_submodule(model, head_name, nn.Linear(head.in_features, num_classes))
+
+
+def reset_head(model: nn.Module, spec: ModelSpec, num_classes: int) -> ModelSpec:
+    """A fresh classifier for another class count (fine-tuning on a new dataset)."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+    else:
+        _reset_tv_head(model, num_classes)
+    return dataclasses.replace(spec, num_classes=num_classes)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -309,7 +317,8 @@ def load_weights(
                 state = {k: v for k, v in state.items() if k != key}
                 dropped.append(key)
     missing = [
-        k for k in own
+        k
+        for k in own
         if k not in state and k not in dropped and not k.endswith("num_batches_tracked")
     ]
     unexpected = [k for k in state if k not in own]
@@ -326,7 +335,8 @@ def load_weights(
         problems.append(f"{len(wrong)} with another shape ({detail})")
     if problems:
         raise RecuError(
-            f"weights do not fit {spec.full_name}: " + "; ".join(problems)
+            f"weights do not fit {spec.full_name}: "
+            + "; ".join(problems)
             + "; are they from another architecture or class count? (--num-classes)"
         )
     merged = dict(own)

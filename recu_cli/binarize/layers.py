@@ -73,8 +73,17 @@ class ReCUConv2d(nn.Conv2d):
         if alpha_mode not in ALPHA_MODES:
             raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {alpha_mode!r}")
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, device=device, dtype=dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
         )
         self.b_star = float(b_star)
         self.standardize = bool(standardize)
@@ -94,9 +103,18 @@ class ReCUConv2d(nn.Conv2d):
     ) -> ReCUConv2d:
         """Binarize an existing conv, keeping its weights as the latent weights."""
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype, **kw,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **kw,
         )
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
@@ -204,8 +222,14 @@ class BinaryConv2d(nn.Module):
         if isinstance(pad, str):
             raise ValueError("string padding is not supported in the deploy form")
         out = cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, pad,
-            layer.dilation, layer.groups, layer.bias is not None,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            pad,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
         )
         with torch.no_grad():
             out.weight_sign.copy_(layer.binary_weight())
@@ -219,8 +243,13 @@ class BinaryConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         out = F.conv2d(
-            sign_pos(x), self.weight_sign.to(x.dtype), None, self.stride, self.padding,
-            self.dilation, self.groups,
+            sign_pos(x),
+            self.weight_sign.to(x.dtype),
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
         )
         out = out * self.alpha.to(out.dtype)
         if self.bias is not None:

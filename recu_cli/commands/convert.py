@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,12 +27,21 @@ from recu_cli.errors import RecuError
 
 @app.command()
 def convert(
-    model: Annotated[str, typer.Argument(help="Model name: timm (resnet18), torchvision (tv:resnet18) or recu's (resnet20).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model name: timm (resnet18), torchvision (tv:resnet18) or recu's (resnet20)."
+        ),
+    ],
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write a packed .safetensors file.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print the conversion report.")] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write a packed .safetensors file.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only print the conversion report.")
+    ] = False,
     keep: Keep = None,
     act: Activation = "hardtanh",
     b_star: BStar = 2.0,
@@ -40,9 +49,15 @@ def convert(
     alpha_mode: AlphaMode = "learned",
     no_standardize: NoStandardize = False,
     plain_sign: PlainSign = False,
-    tau: Annotated[float, typer.Option("--tau", help="tau recorded in the layers (1 = no clamp).")] = 1.0,
-    half: Annotated[bool, typer.Option("--half", help="Store full-precision tensors as fp16.")] = False,
-    keep_latent: Annotated[bool, typer.Option("--keep-latent", help="Also store the latent weights.")] = False,
+    tau: Annotated[
+        float, typer.Option("--tau", help="tau recorded in the layers (1 = no clamp).")
+    ] = 1.0,
+    half: Annotated[
+        bool, typer.Option("--half", help="Store full-precision tensors as fp16.")
+    ] = False,
+    keep_latent: Annotated[
+        bool, typer.Option("--keep-latent", help="Also store the latent weights.")
+    ] = False,
     json_out: Json = False,
 ) -> None:
     """Binarize MODEL's convolutions (no training) and print what became binary and why."""
@@ -50,8 +65,12 @@ def convert(
     from recu_cli.models import create_model
 
     if not dry_run and output is None:
-        raise RecuError("nothing to do: pass --dry-run to see the report or -o FILE to write a packed file")
-    config = convert_config(keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau)
+        raise RecuError(
+            "nothing to do: pass --dry-run to see the report or -o FILE to write a packed file"
+        )
+    config = convert_config(
+        keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau
+    )
     net, spec = create_model(model, num_classes=num_classes, pretrained=pretrained, weights=weights)
     net, report = convert_model(net, config)
     result = {"model": spec.full_name, **report.to_dict(net)}

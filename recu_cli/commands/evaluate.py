@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -27,17 +27,34 @@ def pick_device(device: str | None) -> torch.device:
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="A packed .safetensors checkpoint, or a model name.")],
-    data: Annotated[str, typer.Option("--data", "-d", help="Folder with val/ (ImageFolder), a dataset name, or 'demo'.")],
+    model: Annotated[
+        str, typer.Argument(help="A packed .safetensors checkpoint, or a model name.")
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", "-d", help="Folder with val/ (ImageFolder), a dataset name, or 'demo'."
+        ),
+    ],
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
-    binarize: Annotated[bool, typer.Option("--binarize", help="Convert the named model to ReCU before evaluating.")] = False,
-    runtime: Annotated[str, typer.Option("--runtime", help="Inference engine for packed files: torch, xnor or int8.")] = "torch",
+    binarize: Annotated[
+        bool, typer.Option("--binarize", help="Convert the named model to ReCU before evaluating.")
+    ] = False,
+    runtime: Annotated[
+        str,
+        typer.Option("--runtime", help="Inference engine for packed files: torch, xnor or int8."),
+    ] = "torch",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 256,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N (default: cuda if present).")] = None,
-    max_batches: Annotated[Optional[int], typer.Option("--max-batches", min=1, help="Stop after N batches.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="cpu, cuda, cuda:N (default: cuda if present)."),
+    ] = None,
+    max_batches: Annotated[
+        int | None, typer.Option("--max-batches", min=1, help="Stop after N batches.")
+    ] = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -49,7 +66,9 @@ def eval_cmd(
     path = Path(model)
     if path.is_file() or model.endswith(".safetensors"):
         if weights or pretrained or binarize:
-            raise RecuError("--weights/--pretrained/--binarize apply to model names, not packed files")
+            raise RecuError(
+                "--weights/--pretrained/--binarize apply to model names, not packed files"
+            )
         from recu_cli.pack import load, read_spec
 
         spec = read_spec(path)
@@ -64,7 +83,9 @@ def eval_cmd(
             raise RecuError("--runtime applies to packed checkpoints; convert or train one first")
         from recu_cli.models import create_model
 
-        net, spec = create_model(model, num_classes=num_classes, pretrained=pretrained, weights=weights)
+        net, spec = create_model(
+            model, num_classes=num_classes, pretrained=pretrained, weights=weights
+        )
         if binarize:
             from recu_cli.convert import convert_model
 
@@ -78,7 +99,9 @@ def eval_cmd(
         )
     loader = make_loader(bundle.val, batch_size, workers)
     net = net.to(dev)
-    result = evaluate(net, loader, dev, quiet=quiet or json_out, description="eval", max_batches=max_batches)
+    result = evaluate(
+        net, loader, dev, quiet=quiet or json_out, description="eval", max_batches=max_batches
+    )
     out = {"model": name, "data": bundle.source, **result.to_dict()}
     if json_out:
         print_json(out)

@@ -3,41 +3,70 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from recu_cli.convert import ConvertConfig
 
 Weights = Annotated[
-    Optional[Path],
-    typer.Option("--weights", "-w", help="Local weights: .safetensors, or .pth/.th/.pt (loaded with weights_only=True)."),
+    Path | None,
+    typer.Option(
+        "--weights",
+        "-w",
+        help="Local weights: .safetensors, or .pth/.th/.pt (loaded with weights_only=True).",
+    ),
 ]
 Pretrained = Annotated[
-    bool, typer.Option("--pretrained", help="Download the model's pretrained weights from the hub (online).")
+    bool,
+    typer.Option(
+        "--pretrained", help="Download the model's pretrained weights from the hub (online)."
+    ),
 ]
 NumClasses = Annotated[
-    Optional[int], typer.Option("--num-classes", min=1, help="Classifier size (default: the model's or the data's).")
+    int | None,
+    typer.Option(
+        "--num-classes", min=1, help="Classifier size (default: the model's or the data's)."
+    ),
 ]
 Keep = Annotated[
-    Optional[list[str]],
-    typer.Option("--keep", help="fnmatch pattern of layer names to keep full precision (repeatable), e.g. 'layer4.*'."),
+    list[str] | None,
+    typer.Option(
+        "--keep",
+        help="fnmatch pattern of layer names to keep full precision (repeatable), e.g. 'layer4.*'.",
+    ),
 ]
 Activation = Annotated[
-    str, typer.Option("--act", help="Sign-friendly activation that replaces ReLU: hardtanh, prelu or identity.")
+    str,
+    typer.Option(
+        "--act", help="Sign-friendly activation that replaces ReLU: hardtanh, prelu or identity."
+    ),
 ]
-BStar = Annotated[float, typer.Option("--b-star", help="Laplace scale of the standardized weights (paper: 2).")]
+BStar = Annotated[
+    float, typer.Option("--b-star", help="Laplace scale of the standardized weights (paper: 2).")
+]
 AlphaInit = Annotated[
-    str, typer.Option("--alpha-init", help="'pretrained' (mean |W - mean| per channel) or 'random' (reference U[0,1)).")
+    str,
+    typer.Option(
+        "--alpha-init",
+        help="'pretrained' (mean |W - mean| per channel) or 'random' (reference U[0,1)).",
+    ),
 ]
 AlphaMode = Annotated[
-    str, typer.Option("--alpha-mode", help="'learned' per-channel scale (authors' code) or 'analytic' E|ReCU(W)| (paper).")
+    str,
+    typer.Option(
+        "--alpha-mode",
+        help="'learned' per-channel scale (authors' code) or 'analytic' E|ReCU(W)| (paper).",
+    ),
 ]
 NoStandardize = Annotated[
     bool, typer.Option("--no-standardize", help="Ablation: skip per-filter weight standardization.")
 ]
 PlainSign = Annotated[
-    bool, typer.Option("--plain-sign", help="Baseline: plain sign(W), no standardization and no ReCU clamp.")
+    bool,
+    typer.Option(
+        "--plain-sign", help="Baseline: plain sign(W), no standardization and no ReCU clamp."
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

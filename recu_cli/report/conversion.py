@@ -9,7 +9,9 @@ from torch import nn
 from recu_cli.convert import ConversionReport
 
 
-def render_conversion(console: Console, report: ConversionReport, model: nn.Module, title: str) -> None:
+def render_conversion(
+    console: Console, report: ConversionReport, model: nn.Module, title: str
+) -> None:
     table = Table(title=title, header_style="bold")
     table.add_column("layer")
     table.add_column("shape")
@@ -34,4 +36,6 @@ def render_conversion(console: Console, report: ConversionReport, model: nn.Modu
     for a in report.activations_replaced:
         console.print(f"activation {a['name']}: {a['was']} -> {a['now']} (it feeds a binary conv)")
     if not t["binary_layers"]:
-        console.print("[yellow]warning:[/] no layer was binarized (no groups=1 conv larger than 1x1)")
+        console.print(
+            "[yellow]warning:[/] no layer was binarized (no groups=1 conv larger than 1x1)"
+        )

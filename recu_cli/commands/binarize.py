@@ -1,0 +1,204 @@
+"""`recu binarize`: convert a pretrained model and fine-tune it under the tau schedule."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from recu_cli.app import app, console, print_json
+from recu_cli.commands.options import (
+    Activation,
+    AlphaInit,
+    AlphaMode,
+    BStar,
+    Json,
+    Keep,
+    NoStandardize,
+    NumClasses,
+    PlainSign,
+    Pretrained,
+    Quiet,
+    Weights,
+    convert_config,
+)
+from recu_cli.errors import RecuError
+
+ADVICE = """
+Defaults are a fine-tuning recipe for a pretrained model: Adam (lr 1e-3, cosine), tau
+from 0.85 to 0.99 per epoch (the paper's schedule) and distillation from the original
+full-precision model (--teacher self). From scratch, follow the paper: --opt sgd --lr 0.1
+--weight-decay 5e-4 --warmup-epochs 5 --epochs 600 --teacher none. Short fine-tunes: see
+docs/results.md for how ReCU compares with plain sign there.
+"""
+
+
+@app.command(epilog=ADVICE)
+def binarize(
+    model: Annotated[
+        str | None, typer.Argument(help="Model name (resnet18, tv:resnet18, resnet20, ...).")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="Folder with train/ and val/, a dataset name, or 'demo'."
+        ),
+    ] = None,
+    weights: Weights = None,
+    pretrained: Pretrained = False,
+    num_classes: NumClasses = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 6,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 128,
+    opt: Annotated[str, typer.Option("--opt", help="sgd, adam or adamw.")] = "adam",
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", help="Peak learning rate (default: 1e-3 for adam/adamw, 0.1 for sgd)."
+        ),
+    ] = None,
+    momentum: Annotated[float, typer.Option("--momentum")] = 0.9,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", min=0.0, help="On conv/linear weights only.")
+    ] = 0.0,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", min=0.0)] = 0.0,
+    warmup_lr: Annotated[float, typer.Option("--warmup-lr", min=0.0)] = 1e-6,
+    min_lr: Annotated[float, typer.Option("--min-lr", min=0.0)] = 0.0,
+    clip_grad: Annotated[
+        float | None, typer.Option("--clip-grad", min=0.0, help="Clip the gradient norm.")
+    ] = None,
+    tau_min: Annotated[
+        float,
+        typer.Option("--tau-min", help="tau at the first epoch (1 with --tau-max 1: no ReCU)."),
+    ] = 0.85,
+    tau_max: Annotated[float, typer.Option("--tau-max", help="tau reached at the end.")] = 0.99,
+    tau_update: Annotated[
+        str, typer.Option("--tau-update", help="'epoch' (paper) or 'step'.")
+    ] = "epoch",
+    teacher: Annotated[
+        str,
+        typer.Option(
+            "--teacher",
+            help="'self' (the original model), 'none', or a model name (with --teacher-weights).",
+        ),
+    ] = "self",
+    teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights")] = None,
+    kd_weight: Annotated[
+        float,
+        typer.Option("--kd-weight", help="Share of the distillation loss (1 = distillation only)."),
+    ] = 1.0,
+    keep: Keep = None,
+    act: Activation = "hardtanh",
+    b_star: BStar = 2.0,
+    alpha_init: AlphaInit = "pretrained",
+    alpha_mode: AlphaMode = "learned",
+    no_standardize: NoStandardize = False,
+    plain_sign: PlainSign = False,
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision on CUDA.")] = False,
+    amp_dtype: Annotated[
+        str, typer.Option("--amp-dtype", help="bf16 (default) or fp16 (with a grad scaler).")
+    ] = "bf16",
+    channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Parent folder of run folders.")
+    ] = Path("output"),
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", help="Run folder name (default: time-model).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this folder exactly.")
+    ] = None,
+    log_interval: Annotated[int, typer.Option("--log-interval", min=0)] = 50,
+    half: Annotated[
+        bool, typer.Option("--half", help="Store full-precision tensors as fp16 in checkpoints.")
+    ] = False,
+    keep_latent: Annotated[
+        bool, typer.Option("--keep-latent", help="Store latent weights in checkpoints.")
+    ] = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune MODEL as a ReCU binary network; writes a run folder with packed checkpoints."""
+    from recu_cli.train import TrainConfig, Trainer, load_run_config
+
+    if resume is not None:
+        if model is not None or data is not None:
+            raise RecuError(
+                "--resume continues a run with its saved settings; drop MODEL and --data"
+            )
+        cfg = load_run_config(resume)
+        trainer = Trainer(cfg, run_dir=resume, quiet=quiet or json_out)
+    else:
+        if model is None or data is None:
+            raise RecuError("give MODEL and --data DIR (or --resume RUN_DIR)")
+        conv = convert_config(
+            keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau_min
+        )
+        cfg = TrainConfig(
+            model=model,
+            data=data,
+            weights=str(weights) if weights else None,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            epochs=epochs,
+            batch_size=batch_size,
+            opt=opt,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            warmup_lr=warmup_lr,
+            min_lr=min_lr,
+            clip_grad=clip_grad,
+            tau_min=tau_min,
+            tau_max=tau_max,
+            tau_update=tau_update,
+            teacher=teacher,
+            teacher_weights=str(teacher_weights) if teacher_weights else None,
+            kd_weight=kd_weight,
+            amp=amp,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            max_steps=max_steps,
+            seed=seed,
+            workers=workers,
+            device=device,
+            output=str(output),
+            experiment=experiment,
+            log_interval=log_interval,
+            half=half,
+            keep_latent=keep_latent,
+            convert=conv.to_dict(),
+        )
+        if plain_sign and (tau_min, tau_max) != (0.85, 0.99):
+            raise RecuError(
+                "--plain-sign has no clamp, so --tau-min/--tau-max have no effect; drop them"
+            )
+        trainer = Trainer(cfg, quiet=quiet or json_out)
+    if trainer.info.is_main and not json_out:
+        t = trainer.report.totals(trainer.model)
+        console.print(
+            f"run folder {trainer.run_dir}: {cfg.model} on {trainer.data.source}, "
+            f"{t['binary_layers']} binary layers ({t['binary_params']:,} binary weights), "
+            f"{trainer.steps_per_epoch} steps/epoch, device {trainer.device}"
+        )
+    result = trainer.fit()
+    if not trainer.info.is_main:
+        return
+    if json_out:
+        print_json({**result, "config": asdict(cfg)})
+        return
+    final = result["final"] or {}
+    console.print(
+        f"done: {result['epochs']} epochs, "
+        f"last val top-1 {final.get('val_top1', float('nan')):.2f}%, "
+        f"best {result['best_top1']:.2f}%, dead weights {100 * final.get('dead_share', 0):.1f}%; "
+        f"packed checkpoints in {result['run_dir']} (inspect: recu analyze {result['last']})"
+    )

@@ -1,0 +1,715 @@
+"""The fine-tuning loop: plain PyTorch, resumable to the bit, DDP under torchrun.
+
+One run = one folder: config.json, summary.csv (a row per epoch), train.log, packed
+last/best checkpoints and resume.pt (everything needed to continue exactly).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recu_cli.binarize.functions import sign_pos
+from recu_cli.binarize.tau import tau_schedule
+from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
+from recu_cli.data import build_data, make_loader
+from recu_cli.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown,
+    sync_buffers,
+)
+from recu_cli.errors import RecuError
+from recu_cli.evaluate import EvalResult
+from recu_cli.models import ModelSpec, create_model, reset_head
+from recu_cli.progress import make_progress
+from recu_cli.sampling import EpochBatchSampler, SeededItems
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SUMMARY_FIELDS = [
+    "epoch", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
+    "flip_rate", "flip_rate_tail", "flip_rate_core", "seconds", "img_per_s",
+]  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as config.json and reloaded by --resume."""
+
+    model: str
+    data: str
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    epochs: int = 6
+    batch_size: int = 128
+    opt: str = "adam"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    clip_grad: float | None = None
+    tau_min: float = 0.85
+    tau_max: float = 0.99
+    tau_update: str = "epoch"
+    teacher: str = "self"
+    teacher_weights: str | None = None
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    channels_last: bool = False
+    max_steps: int | None = None
+    seed: int = 42
+    workers: int = 2
+    device: str | None = None
+    output: str = "output"
+    experiment: str | None = None
+    log_interval: int = 50
+    half: bool = False
+    keep_latent: bool = False
+    convert: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.opt not in OPTIMIZERS:
+            raise RecuError(f"--opt must be one of {', '.join(OPTIMIZERS)}, got '{self.opt}'")
+        if self.tau_update not in ("epoch", "step"):
+            raise RecuError("--tau-update must be 'epoch' or 'step'")
+        if not (0.5 <= self.tau_min <= self.tau_max <= 1.0):
+            raise RecuError(
+                f"need 0.5 <= --tau-min <= --tau-max <= 1, got {self.tau_min} and {self.tau_max}"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise RecuError("--epochs and --batch-size must be at least 1")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise RecuError(f"--lr must be a positive number, got {self.lr}")
+        if self.amp_dtype not in ("bf16", "fp16"):
+            raise RecuError("--amp-dtype must be bf16 or fp16")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise RecuError("--kd-weight must be in [0, 1]")
+        ConvertConfig.from_dict(self.convert)
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.1 if self.opt == "sgd" else 1e-3)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Position:
+    """Where a run is: resuming from here reproduces the uninterrupted run exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_top1: float = -1.0
+
+
+class TrainingStopped(RecuError):
+    pass
+
+
+def _run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+    name = cfg.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.replace(':', '_')}"
+    path = Path(cfg.output) / name
+    if info.is_main:
+        if (path / "resume.pt").exists():
+            raise RecuError(f"{path} already holds a run; continue it with --resume {path}")
+        path.mkdir(parents=True, exist_ok=True)
+    return Path(broadcast_object(str(path), info))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights (latent binary weights included) only; never on
+    BN, biases, alpha, tau or PReLU slopes, which decay would pull away from their scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_weight = name.endswith("weight") and p.ndim > 1
+        (decay if is_weight else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.base_lr)
+    return torch.optim.Adam(groups, lr=cfg.base_lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """timm's cosine schedule with linear warm-up, stepped per update."""
+    from timm.scheduler import CosineLRScheduler
+
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total - warmup),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """Cross-entropy against the teacher's soft labels (ReActNet's distributional loss)."""
+    soft = F.softmax(teacher.float() / t, dim=1)
+    return -(soft * F.log_softmax(student.float() / t, dim=1)).sum(dim=1).mean() * (t * t)
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FlipTracker:
+    """Sign flips of the binary weights over an epoch, split by where each weight started:
+    in the tails (|W1| > Q, the dead weights) or in the core."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def snapshot(self, model: nn.Module) -> None:
+        self.start = {}
+        for name, layer in binary_layers(model):
+            qz = layer.quantize()
+            self.start[name] = (qz.w2 >= 0, qz.w1.abs() > qz.q)
+
+    @torch.no_grad()
+    def rates(self, model: nn.Module) -> dict[str, float]:
+        from recu_cli.stats import flip_rates
+
+        flips = tail_flips = tails = n = 0
+        for name, layer in binary_layers(model):
+            if name not in self.start:
+                continue
+            old_plus, tail = self.start[name]
+            r = flip_rates(old_plus.float() * 2 - 1, sign_pos(layer.quantize().w2), tail)
+            size, n_tail = old_plus.numel(), int(tail.sum())
+            flips += r["overall"] * size
+            tail_flips += (r["tail"] or 0.0) * n_tail
+            tails += n_tail
+            n += size
+        core = n - tails
+        return {
+            "flip_rate": flips / n if n else 0.0,
+            "flip_rate_tail": tail_flips / tails if tails else 0.0,
+            "flip_rate_core": (flips - tail_flips) / core if core else 0.0,
+        }
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (plus, tail) in self.start.items():
+            out[f"{name}.sign"] = plus
+            out[f"{name}.tail"] = tail
+        return out
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        names = {k.rsplit(".", 1)[0] for k in state}
+        self.start = {n: (state[f"{n}.sign"], state[f"{n}.tail"]) for n in names}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, quiet: bool = False):
+        cfg.validate()
+        self.cfg = cfg
+        self.quiet = quiet
+        from recu_cli.commands.evaluate import pick_device
+
+        device = pick_device(cfg.device)
+        self.info = init_distributed(device.type)
+        if self.info.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.info.local_rank)
+        self.device = device
+        self.resuming = run_dir is not None
+        self.run_dir = run_dir if run_dir is not None else _run_dir(cfg, self.info)
+        self.log_file = self.run_dir / "train.log"
+        self._setup()
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        model, spec = create_model(
+            cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained, weights=cfg.weights
+        )
+        self.data = build_data(cfg.data, spec, train=True)
+        n_data = len(self.data.classes)
+        if spec.num_classes != n_data:
+            if cfg.num_classes is not None:
+                raise RecuError(
+                    f"--num-classes {cfg.num_classes} but {cfg.data} has {n_data} classes; "
+                    "drop --num-classes or fix the data"
+                )
+            spec = reset_head(model, spec, n_data)
+            self.log(f"note: new {n_data}-class classifier for {cfg.data} (initialised at random)")
+        if cfg.weights is None and not cfg.pretrained:
+            self.log("note: no --weights/--pretrained given: training from random initialisation")
+        self.spec: ModelSpec = spec
+        self.teacher = self._teacher(model)
+        self.convert_config = ConvertConfig.from_dict(cfg.convert)
+        model, self.report = convert_model(model, self.convert_config)
+        if not binary_layers(model):
+            raise RecuError(f"{cfg.model} has no layer to binarize; see `recu convert --dry-run`")
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device)
+        self.ddp_model: nn.Module = self.model
+        if self.info.enabled:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        train_ds = SeededItems(self.data.train, cfg.seed)
+        self.sampler = EpochBatchSampler(
+            len(train_ds), cfg.batch_size, cfg.seed, self.info.rank, self.info.world_size
+        )
+        if len(self.sampler) == 0:
+            raise RecuError(
+                f"the training set ({len(train_ds)} images) is smaller than one batch per "
+                f"process; lower -b (now {cfg.batch_size})"
+            )
+        self.train_loader = torch.utils.data.DataLoader(
+            train_ds,
+            batch_sampler=self.sampler,
+            num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.workers > 0,
+        )
+        val = self.data.val
+        if self.info.enabled:
+            val = torch.utils.data.Subset(
+                val, list(range(self.info.rank, len(val), self.info.world_size))
+            )
+        self.val_loader = make_loader(val, max(cfg.batch_size, 64), cfg.workers)
+        self.steps_per_epoch = len(self.sampler)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.amp_enabled = cfg.amp and self.device.type == "cuda"
+        if cfg.amp and not self.amp_enabled:
+            self.log("note: --amp applies to CUDA only; training in fp32 on the CPU")
+        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_enabled and self.amp_dtype == torch.float16
+        )
+        self.pos = Position()
+        self.history: list[dict[str, Any]] = []
+        self.flips = FlipTracker()
+        self.epoch_loss = [0.0, 0.0]  # sum, count of this epoch's training loss
+        if self.resuming:
+            self._load_resume()
+        elif self.info.is_main:
+            payload = {"train": asdict(cfg), "model": spec.to_dict(), "recu_version": _version()}
+            atomic_write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
+
+    def _teacher(self, model: nn.Module) -> nn.Module | None:
+        cfg = self.cfg
+        if cfg.teacher == "none" or cfg.kd_weight == 0:
+            return None
+        if cfg.teacher == "self":
+            if cfg.weights is None and not cfg.pretrained:
+                self.log("note: --teacher self without pretrained weights: distillation off")
+                return None
+            teacher = copy.deepcopy(model)
+        else:
+            teacher, _ = create_model(
+                cfg.teacher, num_classes=len(self.data.classes), weights=cfg.teacher_weights
+            )
+        teacher.eval().requires_grad_(False)
+        return teacher.to(self.device)
+
+    def log(self, msg: str) -> None:
+        if not self.info.is_main:
+            return
+        from recu_cli.app import err_console
+
+        if not self.quiet:
+            err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
+        if hasattr(self, "log_file") and self.run_dir.exists():
+            with open(self.log_file, "a") as f:
+                f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
+
+    # ---------------------------------------------------------------- state
+    def tau_at(self, epoch: int, step: int) -> float:
+        cfg = self.cfg
+        e = epoch + (step / self.steps_per_epoch if cfg.tau_update == "step" else 0.0)
+        return tau_schedule(e, cfg.epochs, cfg.tau_min, cfg.tau_max)
+
+    def _resume_state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "position": asdict(self.pos),
+            "history": json.dumps(self.history),
+            "epoch_loss": torch.tensor(self.epoch_loss, dtype=torch.float64),
+            "flips": self.flips.state(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": json.dumps(random.getstate()),
+        }
+
+    def save_resume(self) -> None:
+        if self.info.is_main:
+            atomic_torch_save(self._resume_state(), self.run_dir / "resume.pt")
+
+    def _load_resume(self) -> None:
+        path = self.run_dir / "resume.pt"
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except Exception as e:  # noqa: BLE001 - any damage means the same thing to the user
+            raise RecuError(
+                f"cannot resume from {path} ({type(e).__name__}); the file is damaged or from "
+                "another run: start a new run"
+            ) from e
+        self.pos = Position(**state["position"])
+        self.history = json.loads(state["history"])
+        self.epoch_loss = state["epoch_loss"].tolist()
+        self.flips.load(state["flips"])
+        torch.set_rng_state(state["rng_torch"].cpu())
+        py = json.loads(state["rng_python"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.log(
+            f"resuming {self.run_dir} at epoch {self.pos.epoch + 1}, step "
+            f"{self.pos.step_in_epoch} (global step {self.pos.global_step})"
+        )
+
+    def _save_checkpoint(self, name: str, row: dict[str, Any]) -> None:
+        from recu_cli.pack import save
+
+        training = {
+            "epoch": row["epoch"],
+            "global_step": self.pos.global_step,
+            "val_top1": row["val_top1"],
+            "val_top5": row["val_top5"],
+            "tau": row["tau"],
+            "data": self.data.source,
+            "config": asdict(self.cfg),
+        }
+        save(
+            self.run_dir / f"{name}.safetensors",
+            self.model,
+            self.spec,
+            self.convert_config,
+            half=self.cfg.half,
+            keep_latent=self.cfg.keep_latent,
+            training=training,
+            history=self.history,
+        )
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        with (
+            make_progress(self.quiet or not self.info.is_main) as progress,
+            _StopOnSigint() as stop,
+        ):
+            self.progress = progress
+            self.stop = stop
+            while self.pos.epoch < cfg.epochs and not self._max_steps_reached():
+                if not self._train_epoch():
+                    self.save_resume()
+                    shutdown(self.info)
+                    raise TrainingStopped(
+                        f"interrupted at epoch {self.pos.epoch + 1} step "
+                        f"{self.pos.step_in_epoch}; resume point saved: recu binarize "
+                        f"--resume {self.run_dir}",
+                        exit_code=130,
+                    )
+        if self.info.enabled:
+            print(
+                f"rank {self.info.rank}/{self.info.world_size}: final weights digest "
+                f"{weights_digest(self.model)}",
+                flush=True,
+            )
+        barrier(self.info)
+        shutdown(self.info)
+        best = max((r["val_top1"] for r in self.history), default=float("nan"))
+        return {
+            "run_dir": str(self.run_dir),
+            "epochs": len(self.history),
+            "final": self.history[-1] if self.history else None,
+            "best_top1": best,
+            "last": str(self.run_dir / "last.safetensors"),
+            "best": str(self.run_dir / "best.safetensors"),
+        }
+
+    def _max_steps_reached(self) -> bool:
+        return bool(self.cfg.max_steps) and self.pos.global_step >= self.cfg.max_steps
+
+    def _train_epoch(self) -> bool:
+        """One epoch from the current position; False when a Ctrl-C asked to stop."""
+        cfg, pos = self.cfg, self.pos
+        epoch = pos.epoch
+        if pos.step_in_epoch == 0:
+            set_tau(self.model, self.tau_at(epoch, 0))
+            self.flips.snapshot(self.model)
+            self.epoch_loss = [0.0, 0.0]
+        self.sampler.set_epoch(epoch, pos.step_in_epoch)
+        self.model.train()
+        start = time.perf_counter()
+        images_seen = 0
+        task = self.progress.add_task(
+            f"epoch {epoch + 1}/{cfg.epochs}", total=self.steps_per_epoch, info=""
+        )
+        self.progress.update(task, completed=pos.step_in_epoch)
+        batches = iter(self.train_loader)
+        while True:
+            if self._stop_agreed():
+                self.progress.remove_task(task)
+                return False
+            if self._max_steps_reached():
+                break
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError:
+                if self.stop.requested:  # Ctrl-C also ended the loader's workers
+                    continue
+                raise
+            if cfg.tau_update == "step":
+                set_tau(self.model, self.tau_at(epoch, pos.step_in_epoch))
+            loss = self._step(images, targets)
+            images_seen += images.shape[0]
+            pos.step_in_epoch += 1
+            pos.global_step += 1
+            self.scheduler.step_update(pos.global_step)
+            self.epoch_loss[0] += loss * images.shape[0]
+            self.epoch_loss[1] += images.shape[0]
+            rate = images_seen * self.info.world_size / (time.perf_counter() - start)
+            self.progress.update(task, advance=1, info=f"loss {loss:.4f}  {rate:.0f} img/s")
+            if cfg.log_interval and pos.step_in_epoch % cfg.log_interval == 0:
+                self.log(
+                    f"epoch {epoch + 1} step {pos.step_in_epoch}/{self.steps_per_epoch} "
+                    f"loss {loss:.4f} lr {self._lr():.3g} {rate:.0f} img/s"
+                )
+        self.progress.remove_task(task)
+        seconds = time.perf_counter() - start
+        self._end_epoch(epoch, seconds, images_seen)
+        return True
+
+    def _stop_agreed(self) -> bool:
+        """All ranks stop at the same step when any of them got Ctrl-C."""
+        flag = 1.0 if self.stop.requested else 0.0
+        return all_reduce_sum([flag], self.info, self.device)[0] > 0
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        cfg = self.cfg
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
+            logits = self.ddp_model(images)
+            loss = F.cross_entropy(logits.float(), targets)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    soft = self.teacher(images)
+                kd = distillation_loss(logits, soft, cfg.kd_temperature)
+                loss = (1.0 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+        value = float(loss.detach())
+        flag = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], self.info, self.device)
+        if flag[0] > 0:
+            raise TrainingStopped(
+                f"loss became {value} at epoch {self.pos.epoch + 1} step "
+                f"{self.pos.step_in_epoch + 1}; stopped without updating the weights. Lower "
+                f"--lr (now {self.cfg.base_lr:g}) or set --clip-grad; the last good checkpoint "
+                f"is kept in {self.run_dir}",
+                exit_code=1,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return value
+
+    @torch.no_grad()
+    def _validate(self) -> EvalResult:
+        self.model.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]  # correct1, correct5, loss_sum, n
+        for images, targets in self.val_loader:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
+                logits = self.model(images).float()
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices.eq(targets.view(-1, 1))
+            sums[0] += float(hits[:, 0].sum())
+            sums[1] += float(hits.any(dim=1).sum())
+            sums[2] += float(F.cross_entropy(logits, targets, reduction="sum"))
+            sums[3] += targets.numel()
+        c1, c5, loss_sum, n = all_reduce_sum(sums, self.info, self.device)
+        n = max(n, 1.0)
+        return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n, int(n))
+
+    def _end_epoch(self, epoch: int, seconds: float, images_seen: int) -> None:
+        from recu_cli.convert import dead_weight_share
+
+        sync_buffers(self.model, self.info)
+        val = self._validate()
+        loss_sum, count = all_reduce_sum(self.epoch_loss, self.info, self.device)
+        flips = self.flips.rates(self.model)
+        row = {
+            "epoch": epoch + 1,
+            "lr": self._lr(),
+            "tau": float(binary_layers(self.model)[0][1].tau),
+            "train_loss": loss_sum / max(count, 1.0),
+            "val_top1": val.top1,
+            "val_top5": val.top5,
+            "val_loss": val.loss,
+            "dead_share": dead_weight_share(self.model),
+            **flips,
+            "seconds": seconds,
+            "img_per_s": images_seen * self.info.world_size / max(seconds, 1e-9),
+        }
+        self.history.append(row)
+        self.pos.epoch += 1
+        self.pos.step_in_epoch = 0
+        is_best = val.top1 > self.pos.best_top1
+        if is_best:
+            self.pos.best_top1 = val.top1
+        if self.info.is_main:
+            self._write_summary()
+            self._save_checkpoint("last", row)
+            if is_best:
+                self._save_checkpoint("best", row)
+        self.save_resume()
+        barrier(self.info)
+        self.log(
+            f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}  "
+            f"val top-1 {val.top1:.2f}%  top-5 {val.top5:.2f}%  tau {row['tau']:.4f}  "
+            f"dead {100 * row['dead_share']:.1f}%  flips {100 * flips['flip_rate']:.2f}% "
+            f"(tail {100 * flips['flip_rate_tail']:.2f}%, "
+            f"core {100 * flips['flip_rate_core']:.2f}%)"
+            f"  {row['seconds']:.0f}s {row['img_per_s']:.0f} img/s"
+            + ("  *best*" if is_best else "")
+        )
+
+    def _write_summary(self) -> None:
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        for r in self.history:
+            writer.writerow({k: _fmt(r[k]) for k in SUMMARY_FIELDS})
+        atomic_write_bytes(self.run_dir / "summary.csv", buf.getvalue().encode())
+
+
+class _StopOnSigint:
+    """First Ctrl-C: finish the current step, then stop cleanly with a resume point.
+    Second Ctrl-C: stop at once (files already written stay intact: they are atomic)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopOnSigint:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _version() -> str:
+    from recu_cli import __version__
+
+    return __version__
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "config.json"
+    if not (run_dir / "resume.pt").is_file() or not path.is_file():
+        raise RecuError(
+            f"{run_dir} is not a resumable run (needs config.json and resume.pt); "
+            "give the run folder printed at the start of training"
+        )
+    try:
+        payload = json.loads(path.read_text())
+        return TrainConfig.from_dict(payload["train"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecuError(f"{path} is damaged ({e}); start a new run") from e

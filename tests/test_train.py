@@ -1,0 +1,213 @@
+"""`recu binarize` end to end on real CIFAR-10 images (a small class-balanced subset)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recu_cli.train import SUMMARY_FIELDS, TrainConfig, Trainer, TrainingStopped
+from tests.test_cli_models import assert_one_line_error, run_cli
+
+RUN_ARGS = ["--epochs", "2", "-b", "16", "--log-interval", "1", "--seed", "7", "-j", "0"]
+
+
+@pytest.fixture(scope="module")
+def small_cifar(tmp_path_factory) -> Path:
+    """train: 12 images per class, val: 6 per class, linked (not copied) from shared data."""
+    from tests.conftest import CIFAR, require_shared
+
+    require_shared(CIFAR)
+    root = tmp_path_factory.mktemp("cifar_small")
+    for split, n in (("train", 12), ("val", 6)):
+        for cls_dir in sorted((CIFAR / split).iterdir()):
+            dst = root / split / cls_dir.name
+            dst.mkdir(parents=True)
+            for img in sorted(cls_dir.iterdir())[:n]:
+                (dst / img.name).symlink_to(img)
+    return root
+
+
+def binarize_args(data: Path, out: Path, weights: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "binarize", "resnet20", "--weights", str(weights), "--data", str(data),
+        "-o", str(out), "--experiment", name, *RUN_ARGS, *extra,
+    ]  # fmt: skip
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_short_run_writes_every_output(capsys, small_cifar, resnet20_weights, tmp_path) -> None:
+    code, out, _ = run_cli(
+        binarize_args(small_cifar, tmp_path, resnet20_weights, "run", "--json"), capsys
+    )
+    assert code == 0
+    result = json.loads(out)
+    run = tmp_path / "run"
+    for name in (
+        "config.json",
+        "summary.csv",
+        "last.safetensors",
+        "best.safetensors",
+        "resume.pt",
+        "train.log",
+    ):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.tmp"))
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == SUMMARY_FIELDS
+    assert float(rows[0]["tau"]) == pytest.approx(0.85)
+    assert float(rows[1]["tau"]) == pytest.approx(
+        0.85 + 0.14 * (2.718281828**0.5 - 1) / (2.718281828 - 1), abs=1e-5
+    )
+    assert 0.0 < float(rows[0]["dead_share"]) < 0.5
+    assert float(rows[0]["flip_rate"]) > 0  # weights trained and changed sign
+    assert result["epochs"] == 2 and result["final"]["val_top1"] >= 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["model"] == "resnet20" and cfg["model"]["num_classes"] == 10
+
+
+def test_interrupted_run_resumes_bit_identically(
+    capsys, small_cifar, resnet20_weights, tmp_path
+) -> None:
+    code, _, _ = run_cli(binarize_args(small_cifar, tmp_path, resnet20_weights, "straight"), capsys)
+    assert code == 0
+    # the same run, interrupted by a real SIGINT in its first epoch, then resumed
+    args = binarize_args(small_cifar, tmp_path, resnet20_weights, "broken", "-j", "1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recu_cli", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:
+        if re.search(r"epoch 1 step 3/", line):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "resume point saved" in err and "Traceback" not in err
+    broken = tmp_path / "broken"
+    assert not (broken / "last.safetensors").exists()  # interrupted before any epoch ended
+    code, _, _ = run_cli(["binarize", "--resume", str(broken), "--quiet"], capsys)
+    assert code == 0
+    a, b = final_state(tmp_path / "straight"), final_state(broken)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pa, pb = (
+        load_file(tmp_path / "straight" / "last.safetensors"),
+        load_file(broken / "last.safetensors"),
+    )
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_two_process_gloo_run_under_torchrun(small_cifar, resnet20_weights, tmp_path) -> None:
+    args = binarize_args(small_cifar, tmp_path, resnet20_weights, "ddp", "--epochs", "1", "-b", "8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "recu_cli",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d)/2: final weights digest (\w+)", proc.stdout))
+    assert set(digests) == {"0", "1"}
+    assert digests["0"] == digests["1"]
+    run = tmp_path / "ddp"
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert len(rows) == 1 and (run / "last.safetensors").is_file()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(
+    small_cifar, resnet20_weights, tmp_path
+) -> None:
+    cfg = TrainConfig(
+        model="resnet20", data=str(small_cifar), weights=str(resnet20_weights), epochs=2,
+        batch_size=16, workers=0, output=str(tmp_path), experiment="nan", max_steps=7,
+        log_interval=0,
+        opt="sgd", lr=0.01,
+    )  # fmt: skip
+    trainer = Trainer(cfg, quiet=True)
+    trainer.fit()  # one good epoch (7 steps) -> last.safetensors
+    run = tmp_path / "nan"
+    good = (run / "last.safetensors").read_bytes()
+    resumed = Trainer(TrainConfig(**{**cfg.__dict__, "max_steps": None}), run_dir=run, quiet=True)
+    for group in resumed.optimizer.param_groups:
+        group["lr"] = 1e38  # a learning rate that makes the weights overflow
+    resumed.scheduler.base_values = [1e38 for _ in resumed.scheduler.base_values]
+    with pytest.raises(TrainingStopped, match=r"loss became (nan|inf)") as exc:
+        resumed.fit()
+    assert exc.value.exit_code == 1
+    assert (run / "last.safetensors").read_bytes() == good
+    assert not list(run.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--opt", "lamb"], "--opt"),
+        (["--tau-min", "0.99", "--tau-max", "0.9"], "--tau-min"),
+        (["--lr", "-1"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+        (["--tau-update", "batch"], "--tau-update"),
+    ],
+)
+def test_bad_flag_values(capsys, extra, fragment, tmp_path) -> None:
+    code, _, err = run_cli(
+        ["binarize", "resnet20", "--data", "demo", "-o", str(tmp_path), *extra], capsys
+    )
+    assert_one_line_error(code, err, fragment)
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_data(capsys, tmp_path) -> None:
+    code, _, err = run_cli(
+        ["binarize", "resnet20", "--data", str(tmp_path / "nope"), "-o", str(tmp_path)], capsys
+    )
+    assert_one_line_error(code, err, "data folder not found")
+    (tmp_path / "d" / "val" / "cat").mkdir(parents=True)
+    code, _, err = run_cli(
+        ["binarize", "resnet20", "--data", str(tmp_path / "d"), "-o", str(tmp_path)], capsys
+    )
+    assert_one_line_error(code, err, "no train/ folder")
+
+
+def test_resume_of_a_folder_that_is_no_run(capsys, tmp_path) -> None:
+    code, _, err = run_cli(["binarize", "--resume", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "not a resumable run")
+
+
+def test_demo_data_is_built_in(capsys, tmp_path) -> None:
+    code, out, _ = run_cli(
+        ["binarize", "resnet20", "--data", "demo", "--max-steps", "2", "-b", "32", "-j", "0",
+         "-o", str(tmp_path), "--experiment", "demo", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert Path(result["last"]).is_file()
+    assert result["final"]["val_top1"] >= 0
