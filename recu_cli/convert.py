@@ -60,8 +60,8 @@ class ConvertConfig:
             raise RecuError(f"--alpha-mode must be one of {', '.join(ALPHA_MODES)}")
         if not self.b_star > 0:
             raise RecuError(f"--b-star must be positive, got {self.b_star}")
-        if not 0.5 <= self.tau <= 1.0:
-            raise RecuError(f"tau must be in [0.5, 1], got {self.tau}")
+        if not 0.5 < self.tau <= 1.0:
+            raise RecuError(f"tau must be in (0.5, 1], got {self.tau}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

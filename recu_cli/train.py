@@ -94,9 +94,9 @@ class TrainConfig:
             raise RecuError(f"--opt must be one of {', '.join(OPTIMIZERS)}, got '{self.opt}'")
         if self.tau_update not in ("epoch", "step"):
             raise RecuError("--tau-update must be 'epoch' or 'step'")
-        if not (0.5 <= self.tau_min <= self.tau_max <= 1.0):
+        if not (0.5 < self.tau_min <= self.tau_max <= 1.0):
             raise RecuError(
-                f"need 0.5 <= --tau-min <= --tau-max <= 1, got {self.tau_min} and {self.tau_max}"
+                f"need 0.5 < --tau-min <= --tau-max <= 1, got {self.tau_min} and {self.tau_max}"
             )
         if self.epochs < 1 or self.batch_size < 1:
             raise RecuError("--epochs and --batch-size must be at least 1")

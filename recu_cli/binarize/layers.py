@@ -34,6 +34,57 @@ def recu_threshold(b_hat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return -b_hat * torch.log(2.0 - 2.0 * tau)
 
 
+def standardize_weight(
+    w: torch.Tensor, gain: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W1 = gain * (W - mean) / sqrt(var + eps) per output channel (unbiased var).
+
+    Returns W1, the mean and 1 / sqrt(var + eps) (the last two for hand-written backward).
+    """
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=1)
+    inv_std = torch.rsqrt(var + WEIGHT_EPS)
+    return (w - mean) * (gain * inv_std), mean, inv_std
+
+
+class _ReCUWeightSign(torch.autograd.Function):
+    """sign(clamp(standardize(W), -Q, Q)) with the exact gradient, in a few passes.
+
+    Forward: the same functions as `ReCUConv2d.quantize`. Backward: identity STE through
+    sign, zero outside [-Q, Q] (the clamp), then the derivative of the standardization
+    (mean and variance not detached), written out for W1 = k (W - m) inv_std:
+        dW = inv_std * (k (g - mean(g)) - W1 * sum(g * W1) / (k (n - 1)))
+    Q itself is detached (b_hat is), as in the reference code.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, w: torch.Tensor, tau: torch.Tensor, gain: float, standardize: bool, clamp: bool
+    ) -> torch.Tensor:  # noqa: D102
+        if standardize:
+            w1, _, inv_std = standardize_weight(w, gain)
+        else:
+            w1, inv_std = w, None
+        b_hat = w1.abs().mean()
+        q = recu_threshold(b_hat, tau.to(w1.dtype))
+        w2 = torch.clamp(w1, -q, q) if clamp else w1
+        keep = w1.abs() <= q if clamp else None
+        ctx.gain, ctx.standardize = gain, standardize
+        ctx.save_for_backward(w1, inv_std, keep)
+        return sign_pos(w2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        w1, inv_std, keep = ctx.saved_tensors
+        g = grad if keep is None else grad * keep
+        if ctx.standardize:
+            k = ctx.gain
+            n = w1[0].numel()
+            dot = (g * w1).sum(dim=(1, 2, 3), keepdim=True)
+            g = (g - g.mean(dim=(1, 2, 3), keepdim=True)).mul_(k)
+            g = g.sub_(w1 * (dot / (k * (n - 1)))).mul_(inv_std)
+        return g, None, None, None, None
+
+
 class ReCUConv2d(nn.Conv2d):
     """A 1-bit convolution trained with ReCU (rectified clamp unit).
 
@@ -137,11 +188,7 @@ class ReCUConv2d(nn.Conv2d):
     def quantize(self) -> Quantized:
         """W -> W1 (standardize) -> b_hat, Q(tau) -> W2 = clamp(W1, -Q, Q). No host sync."""
         w = self.weight
-        if self.standardize:
-            var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=1)
-            w1 = (w - mean) * (self.gain * torch.rsqrt(var + WEIGHT_EPS))
-        else:
-            w1 = w
+        w1 = standardize_weight(w, self.gain)[0] if self.standardize else w
         b_hat = w1.detach().abs().mean()
         q = recu_threshold(b_hat, self.tau.to(w1.dtype))
         w2 = torch.clamp(w1, -q, q) if self.clamp else w1
@@ -168,11 +215,17 @@ class ReCUConv2d(nn.Conv2d):
         return alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        qz = self.quantize()
-        wb = weight_sign_ste(qz.w2)
+        if self.alpha_mode == "learned":
+            wb = _ReCUWeightSign.apply(
+                self.weight, self.tau, self.gain, self.standardize, self.clamp
+            )
+            alpha = self.alpha
+        else:  # the analytic alpha needs W2 itself, with its own gradient
+            w2 = self.quantize().w2
+            wb, alpha = weight_sign_ste(w2), self.effective_alpha(w2)
         xb = activation_sign(x, rescale=self.training and self.rescale_activations)
         out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
-        out = out * self.effective_alpha(qz.w2)
+        out = out * alpha
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out

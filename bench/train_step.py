@@ -1,0 +1,82 @@
+"""Training-step time of the ReCU-binarized model over the full-precision model.
+
+Both models are built from the same architecture, take the same batch, use the same
+optimizer and thread count, and are timed in alternating rounds in one process, so the
+ratio is robust to whatever else the machine is doing. Target: <= 1.5x on CPU.
+
+    python bench/train_step.py                # resnet20 (32 px, b 128) and resnet18 (224 px, b 16)
+    python bench/train_step.py --threads 2 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from recu_cli.convert import convert_model
+from recu_cli.models import create_model
+
+CASES = (("resnet20", 32, 128), ("resnet18", 224, 16))
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(step, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="steps per round")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
+    for name, size, batch in CASES:
+        fp, _ = create_model(name, num_classes=10)
+        bnn, _ = create_model(name, num_classes=10)
+        bnn.load_state_dict(fp.state_dict())
+        bnn, _ = convert_model(bnn)
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 10, (batch,))
+        steps = {"fp32": make_step(fp, x, y), "recu": make_step(bnn, x, y)}
+        for s in steps.values():  # warm-up
+            time_steps(s, 1)
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(args.rounds):
+            for k, s in steps.items():
+                times[k].append(time_steps(s, args.steps))
+        fp_t = statistics.median(times["fp32"])
+        bn_t = statistics.median(times["recu"])
+        ratios = [b / f for b, f in zip(times["recu"], times["fp32"], strict=True)]
+        print(
+            f"{name:9s} {size}px b{batch:<4d} fp32 {1000 * fp_t:8.1f} ms/step  recu "
+            f"{1000 * bn_t:8.1f} ms/step  ratio {bn_t / fp_t:.2f}x "
+            f"(per-round min {min(ratios):.2f}, max {max(ratios):.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
