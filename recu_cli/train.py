@@ -369,7 +369,10 @@ class Trainer:
             teacher = copy.deepcopy(model)
         else:
             teacher, _ = create_model(
-                cfg.teacher, num_classes=len(self.data.classes), weights=cfg.teacher_weights
+                cfg.teacher,
+                num_classes=len(self.data.classes),
+                pretrained=cfg.teacher_weights is None,
+                weights=cfg.teacher_weights,
             )
         teacher.eval().requires_grad_(False)
         return teacher.to(self.device)

@@ -1,5 +1,6 @@
 """recu's own CIFAR models, registered in timm's registry so `timm.create_model` builds them.
 
+ResNet-18 (CIFAR) is timm's ResNet-18 with a 3x3 stride-1 stem and no max-pool.
 ResNet-20/32/44/56 are He et al.'s CIFAR ResNets with the parameter-free "option A"
 shortcut; their state_dict keys match the widely used pretrained files
 (conv1, bn1, layerK.I.conv1/bn1/conv2/bn2, linear). VGG-small is the network of the ReCU
@@ -118,7 +119,17 @@ class VGGSmall(nn.Module):
         return self.fc(self.features(x).flatten(1))
 
 
-def _cfg(classifier: str) -> dict:
+def _resnet18_cifar(num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """timm's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _cfg(classifier: str, first_conv: str = "conv1") -> dict:
     return {
         "num_classes": 10,
         "input_size": (3, 32, 32),
@@ -127,7 +138,7 @@ def _cfg(classifier: str) -> dict:
         "interpolation": "bilinear",
         "mean": CIFAR_MEAN,
         "std": CIFAR_STD,
-        "first_conv": "conv1" if classifier == "linear" else "features.0",
+        "first_conv": first_conv,
         "classifier": classifier,
         "license": "bsd-2-clause",
     }
@@ -136,7 +147,8 @@ def _cfg(classifier: str) -> dict:
 default_cfgs = generate_default_cfgs(
     {
         **{f"resnet{d}.cifar10": _cfg("linear") for d in (20, 32, 44, 56)},
-        "vgg_small.cifar10": _cfg("fc"),
+        "vgg_small.cifar10": _cfg("fc", first_conv="features.0"),
+        "resnet18_cifar.cifar10": _cfg("fc"),
     }
 )
 
@@ -177,4 +189,10 @@ def vgg_small(pretrained: bool = False, **kwargs) -> VGGSmall:
     return build_model_with_cfg(VGGSmall, "vgg_small", pretrained, **kwargs)
 
 
-RECU_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "vgg_small")
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-18 for 32x32 inputs (the ReCU paper's CIFAR ResNet-18)."""
+    return build_model_with_cfg(_resnet18_cifar, "resnet18_cifar", pretrained, **kwargs)
+
+
+RECU_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "vgg_small", "resnet18_cifar")
