@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from recu_cli.app import DEBUG, app, err_console
 from recu_cli.commands import register_all
 from recu_cli.errors import RecuError
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     except RecuError as e:
         if DEBUG["enabled"]:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
@@ -30,8 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG["enabled"]:
             raise
         err_console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for a traceback)",
-            markup=True,
+            f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))} "
+            "(rerun with --debug for a traceback)",
             soft_wrap=True,
         )
         sys.exit(1)
@@ -57,5 +59,5 @@ def _exit_for_click(e: Exception) -> None:
                 if ctx.parent is None
                 else f" (see 'recu {ctx.info_name} --help')"
             )
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", soft_wrap=True)
         sys.exit(e.exit_code)

@@ -15,7 +15,6 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 import torchvision.models.resnet as tv_resnet
 from timm.models import resnet as timm_resnet
 from torch import nn
@@ -303,14 +302,3 @@ def binary_layers(model: nn.Module) -> list[tuple[str, ReCUConv2d]]:
 def set_tau(model: nn.Module, tau: float) -> None:
     for _, m in binary_layers(model):
         m.set_tau(tau)
-
-
-@torch.no_grad()
-def dead_weight_share(model: nn.Module) -> float:
-    """Share of latent weights with |W1| > Q(tau) over all binary layers."""
-    dead = total = 0
-    for _, m in binary_layers(model):
-        mask = m.dead_mask()
-        dead += int(mask.sum())
-        total += mask.numel()
-    return dead / total if total else 0.0

@@ -613,7 +613,7 @@ class Trainer:
         return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n, int(n))
 
     def _end_epoch(self, epoch: int, seconds: float, images_seen: int) -> None:
-        from recu_cli.convert import dead_weight_share
+        from recu_cli.stats import dead_weight_share
 
         sync_buffers(self.model, self.info)
         val = self._validate()

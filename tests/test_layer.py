@@ -180,3 +180,32 @@ def test_tau_schedule_values() -> None:
 def test_layer_rejects_non_zero_padding() -> None:
     with pytest.raises(ValueError, match="zero padding"):
         ReCUConv2d(3, 3, 3, padding=1, padding_mode="reflect")
+
+
+@pytest.mark.parametrize(
+    ("standardize", "clamp", "tau"),
+    [
+        (True, True, 0.85),
+        (True, True, 1.0),
+        (False, True, 0.9),
+        (False, False, 0.85),
+        (True, False, 0.9),
+    ],
+)
+def test_fused_weight_path_equals_reference(standardize: bool, clamp: bool, tau: float) -> None:
+    """The layer's fused forward/backward equals autograd through `quantize()`."""
+    layer = make_layer(standardize=standardize, clamp=clamp, tau=tau).double()
+    x = torch.randn(2, 6, 6, 6, dtype=torch.double, requires_grad=True)
+    g = torch.randn(2, 8, 6, 6, dtype=torch.double)
+    layer(x).backward(g)
+    fused_w, fused_x, fused_a = layer.weight.grad.clone(), x.grad.clone(), layer.alpha.grad.clone()
+    layer.zero_grad()
+    x.grad = None
+    wb = weight_sign_ste(layer.quantize().w2)
+    xb = activation_sign(x, rescale=True)
+    ref = F.conv2d(xb, wb, None, layer.stride, layer.padding) * layer.alpha
+    ref.backward(g)
+    torch.testing.assert_close(fused_w, layer.weight.grad)
+    torch.testing.assert_close(fused_x, x.grad)
+    torch.testing.assert_close(fused_a, layer.alpha.grad)
+    assert fused_w.abs().sum() > 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from recu_cli.convert import ConvertConfig
+if TYPE_CHECKING:
+    from recu_cli.convert import ConvertConfig
+
 
 Weights = Annotated[
     Path | None,
@@ -82,6 +84,8 @@ def convert_config(
     plain_sign: bool = False,
     tau: float = 1.0,
 ) -> ConvertConfig:
+    from recu_cli.convert import ConvertConfig
+
     return ConvertConfig(
         keep=tuple(keep or ()),
         activation=act,

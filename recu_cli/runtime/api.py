@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.errors import RecuError
-from recu_cli.runtime.base import GroupedConv, RuntimeConv
-from recu_cli.runtime.fold import fold_epilogue
+from recu_cli.runtime.base import GroupedConv, RuntimeConv, WithBatchNorm
+from recu_cli.runtime.fold import Epilogue, fold_epilogue
 
 ENGINES = ("torch", "xnor", "int8")
 # Children (conv, bn) that converted ResNet blocks apply back to back: bnN(convN(x)).
@@ -45,19 +47,23 @@ def available(engine: str) -> tuple[bool, str]:
     return True, "+-1 int8 GEMM (torch._int_mm, oneDNN)"
 
 
-def _engine_conv(engine: str, w: torch.Tensor, scale, shift, layer: BinaryConv2d) -> RuntimeConv:
+def _engine_conv(engine: str, w: torch.Tensor, epi: Epilogue, layer: BinaryConv2d) -> RuntimeConv:
     geometry = (layer.stride, layer.padding, layer.dilation)
     if engine == "xnor":
         from recu_cli.runtime.xnor import XnorConv2d
 
-        return XnorConv2d(w, scale, shift, *geometry)
+        return XnorConv2d(w, epi, *geometry)
     from recu_cli.runtime.int8 import Int8Conv2d
 
-    return Int8Conv2d(w, scale, shift, *geometry)
+    return Int8Conv2d(w, epi, *geometry)
 
 
 def fast_conv(layer: BinaryConv2d, engine: str, bn: nn.BatchNorm2d | None = None) -> nn.Module:
-    """A module computing bn(layer(x)) (or layer(x)) in eval mode with the given engine."""
+    """A module computing bn(layer(x)) (or layer(x)) in eval mode with the given engine.
+
+    The result is bit-identical to the float deploy form (fold.py says how); it also has
+    integer_dot(x), the exact integer dot products, for bit-exactness checks.
+    """
     check_engine(engine)
     if not isinstance(layer, BinaryConv2d):
         raise RecuError(f"fast_conv needs a BinaryConv2d, got {type(layer).__name__}")
@@ -67,31 +73,98 @@ def fast_conv(layer: BinaryConv2d, engine: str, bn: nn.BatchNorm2d | None = None
     w = layer.weight_sign.detach().float().cpu()
     if not bool(((w == 1) | (w == -1)).all()):
         raise RecuError("a BinaryConv2d holds weights other than +-1; rebuild it with to_deploy")
-    scale, shift = fold_epilogue(layer, bn)
+    epi = fold_epilogue(layer, bn)
+    tail = None
+    if epi is None:  # this torch computes eval BN differently: run it as its own op
+        epi, tail = fold_epilogue(layer, None), copy.deepcopy(bn)
     g = layer.groups
-    if g == 1:
-        return _engine_conv(engine, w, scale, shift, layer)
     co = layer.out_channels // g
-    parts = [
-        _engine_conv(
-            engine, w[i * co : (i + 1) * co], scale[i * co : (i + 1) * co],
-            shift[i * co : (i + 1) * co], layer,
-        )  # fmt: skip
-        for i in range(g)
-    ]
-    return GroupedConv(parts)
+    if g == 1:
+        mod: nn.Module = _engine_conv(engine, w, epi, layer)  # type: ignore[arg-type]
+    else:
+        mod = GroupedConv(
+            [
+                _engine_conv(
+                    engine, w[i * co : (i + 1) * co], epi.slice(i * co, (i + 1) * co), layer
+                )  # type: ignore[union-attr]
+                for i in range(g)
+            ]
+        )
+    return mod if tail is None else WithBatchNorm(mod, tail)
 
 
 def _foldable(bn: nn.Module | None) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None
 
 
-def to_runtime(model: nn.Module, engine: str) -> nn.Module:
-    """A deep copy in eval mode with every BinaryConv2d run by `engine`.
+@dataclass(frozen=True)
+class Site:
+    """One binary conv in a model and the BatchNorm applied right after it (if foldable)."""
 
-    A BatchNorm that directly follows a binary conv in a block (children convN -> bnN) is
-    folded into the conv's epilogue and replaced by nn.Identity. "torch" returns the copy
-    unchanged (the float deploy form).
+    name: str  # qualified name of the conv, e.g. "layer1.0.conv1"
+    parent: nn.Module
+    conv_key: str
+    bn_key: str | None
+
+    @property
+    def conv(self) -> BinaryConv2d:
+        return self.parent._modules[self.conv_key]  # type: ignore[return-value]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d | None:
+        return self.parent._modules[self.bn_key] if self.bn_key else None  # type: ignore[return-value]
+
+
+def _pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) child names whose forward is bn(conv(x)) by construction.
+
+    The converted ResNet blocks (BiRealBasicBlock, BiRealBottleneck) apply bnN to convN's
+    output directly; an nn.Sequential applies each child to the previous one's output.
+    """
+    pairs = list(FOLD_PAIRS)
+    if isinstance(parent, nn.Sequential):
+        keys = list(parent._modules)
+        pairs += list(pairwise(keys))
+    return pairs
+
+
+def binary_sites(model: nn.Module) -> list[Site]:
+    """Every BinaryConv2d of `model` (module order), with the BatchNorm that can fold into it."""
+    sites: list[Site] = []
+    claimed: set[int] = set()
+    for pname, parent in model.named_modules():
+        kids = parent._modules
+        prefix = f"{pname}." if pname else ""
+        for ck, bk in _pairs(parent):
+            conv, bn = kids.get(ck), kids.get(bk)
+            if (
+                isinstance(conv, BinaryConv2d)
+                and _foldable(bn)
+                and id(conv) not in claimed
+                and id(bn) not in claimed
+            ):
+                sites.append(Site(prefix + ck, parent, ck, bk))
+                claimed.update((id(conv), id(bn)))
+        for ck, child in kids.items():
+            if isinstance(child, BinaryConv2d) and id(child) not in claimed:
+                sites.append(Site(prefix + ck, parent, ck, None))
+                claimed.add(id(child))
+    return sites
+
+
+def to_runtime(
+    model: nn.Module, engine: str, *, fold_bn: bool = True, channels_last: bool = False
+) -> nn.Module:
+    """A deep copy on the CPU, in eval mode, with every BinaryConv2d run by `engine`.
+
+    Its outputs are bit-identical to the float model's (fold.py says why).
+    fold_bn: a BatchNorm applied right after a binary conv (children convN -> bnN of a block,
+      or neighbours in an nn.Sequential) joins the conv's epilogue and becomes nn.Identity.
+    channels_last: also convert the model to NHWC: the float glue layers (stem, max-pool,
+      shortcuts) run faster, and the outputs then equal the float model's in NHWC, which
+      can differ from its NCHW outputs in the last bits (a different float summation order
+      in oneDNN's convs); in a BNN such a bit can flip a sign downstream.
+    "torch" returns the copy unchanged (the float deploy form), whatever the flags.
     """
     check_engine(engine)
     if not any(isinstance(m, BinaryConv2d) for m in model.modules()):
@@ -103,19 +176,15 @@ def to_runtime(model: nn.Module, engine: str) -> nn.Module:
         ok, why = available(engine)
         if not ok:
             raise RecuError(f"engine {engine!r} is not available: {why}", exit_code=1)
-    out = copy.deepcopy(model).eval()
+    out = copy.deepcopy(model).cpu().eval()
     if engine == "torch":
         return out
     with torch.no_grad():
-        for parent in list(out.modules()):
-            kids = parent._modules
-            for conv_name, bn_name in FOLD_PAIRS:
-                conv, bn = kids.get(conv_name), kids.get(bn_name)
-                if isinstance(conv, BinaryConv2d) and _foldable(bn):
-                    kids[conv_name] = fast_conv(conv, engine, bn)
-                    kids[bn_name] = nn.Identity()
-        for parent in list(out.modules()):
-            for name, child in list(parent._modules.items()):
-                if isinstance(child, BinaryConv2d):
-                    parent._modules[name] = fast_conv(child, engine)
+        for site in binary_sites(out):
+            bn = site.bn if fold_bn else None
+            site.parent._modules[site.conv_key] = fast_conv(site.conv, engine, bn)
+            if bn is not None:
+                site.parent._modules[site.bn_key] = nn.Identity()  # type: ignore[index]
+    if channels_last:
+        out = out.to(memory_format=torch.channels_last)
     return out.eval()

@@ -1,19 +1,20 @@
-"""What every runtime conv shares: geometry, the folded epilogue, cached border tables."""
+"""What every runtime conv shares: geometry, the epilogue, cached zero-padding tables."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from recu_cli.runtime.fold import Border, border
+from recu_cli.errors import RecuError
+from recu_cli.runtime.fold import Border, Epilogue, border
 
 
 class RuntimeConv(nn.Module):
-    """A binary conv + folded epilogue; subclasses supply the integer kernel.
+    """A binary conv and its epilogue; subclasses supply the integer kernel.
 
-    `forward(x)` equals bn(layer(x)) up to float rounding of the epilogue; `integer_dot(x)`
-    returns the exact integer dot products sum(sign(x) * w) with zero padding, as float,
-    which must equal F.conv2d(sign_pos(x), weight_sign) bit for bit.
+    `forward(x)` equals bn(layer(x)) bit for bit (see fold.py); `integer_dot(x)` returns the
+    exact integer dot products sum(sign_pos(x) * w) with zero padding, as float32, which
+    must equal F.conv2d(sign_pos(x), weight_sign).
     """
 
     engine = "?"
@@ -21,8 +22,7 @@ class RuntimeConv(nn.Module):
     def __init__(
         self,
         weight_sign: torch.Tensor,
-        scale: torch.Tensor,
-        shift: torch.Tensor,
+        epilogue: Epilogue,
         stride: tuple[int, int],
         padding: tuple[int, int],
         dilation: tuple[int, int],
@@ -36,47 +36,56 @@ class RuntimeConv(nn.Module):
         self.dilation = tuple(dilation)
         self.k = self.in_channels * kh * kw  # true K: padded channel bits never count
         # Plain attributes, not buffers: model.half() or .to(dtype) must not round them.
-        self.scale = scale.double().cpu()
-        self.shift = shift.double().cpu()
+        self.epilogue = epilogue
+        self.dot_epilogue = Epilogue.identity(self.out_channels)
         self.tap_sum = w.double().sum(dim=1)  # [Cout, kh, kw]
-        self._borders: dict[tuple[int, int], Border] = {}
-        self._tables: dict[tuple[int, int, bool], tuple[torch.Tensor, ...]] = {}
+        self._tables: dict[tuple[int, int], tuple] = {}
 
-    def border(self, hw: tuple[int, int]) -> Border:
-        """Padding classes for one input size, computed once per size."""
-        if hw not in self._borders:
-            self._borders[hw] = border(
-                self.tap_sum, hw, self.stride, self.padding, self.dilation
-            )
-        return self._borders[hw]
+    def table(self, hw: tuple[int, int]) -> tuple:
+        """The engine's zero-padding data for one input size, computed once per size."""
+        if hw not in self._tables:
+            b = border(self.tap_sum, hw, self.stride, self.padding, self.dilation)
+            self._tables[hw] = self.make_table(b)
+        return self._tables[hw]
 
-    def epilogue(self, dot_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift) of the output: folded ones, or (1, 0) for exact integer dots."""
-        if dot_mode:
-            return torch.ones_like(self.scale), torch.zeros_like(self.shift)
-        return self.scale, self.shift
-
-    def table(self, hw: tuple[int, int], dot_mode: bool) -> tuple[torch.Tensor, ...]:
-        """The engine's (m, b, ...) for one input size, cached."""
-        key = (*hw, dot_mode)
-        if key not in self._tables:
-            self._tables[key] = self.make_table(self.border(hw), *self.epilogue(dot_mode))
-        return self._tables[key]
-
-    def make_table(
-        self, b: Border, scale: torch.Tensor, shift: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
+    def make_table(self, b: Border) -> tuple:
         raise NotImplementedError
 
-    def run(self, x: torch.Tensor, dot_mode: bool) -> torch.Tensor:
+    # Caches are rebuilt on demand: dropping them keeps copy.deepcopy and torch.save working
+    # (oneDNN's prepacked weights are opaque tensors that cannot be pickled).
+    _CACHES = ("_tables",)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in self._CACHES:
+            state[name] = type(state[name])()
+        return state
+
+    def run(self, x: torch.Tensor, dot: bool) -> torch.Tensor:
+        """The engine's output: with self.epilogue, or the exact dots (dot_epilogue) if dot."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.run(x, dot_mode=False)
+        self.check_input(x)
+        return self.run(x, dot=False)
 
     def integer_dot(self, x: torch.Tensor) -> torch.Tensor:
         """Exact sum(sign_pos(x) * w) over the kernel window (zero padding), as float32."""
-        return self.run(x, dot_mode=True)
+        self.check_input(x)
+        return self.run(x, dot=True)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """One clear line instead of a kernel assertion for the usual mistakes."""
+        if x.device.type != "cpu":
+            raise RecuError(
+                f"the {self.engine} runtime runs on the CPU but got a {x.device.type} tensor; "
+                "use --device cpu (or the torch engine)"
+            )
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise RecuError(
+                f"a {self.engine} conv expects [N, {self.in_channels}, H, W] input, got "
+                f"{list(x.shape)}"
+            )
 
     @staticmethod
     def as_float(x: torch.Tensor) -> torch.Tensor:
@@ -84,9 +93,10 @@ class RuntimeConv(nn.Module):
         return x if x.dtype == torch.float32 else x.float()
 
     def extra_repr(self) -> str:  # noqa: D102
+        bn = ", bn folded" if self.epilogue.bn_a is not None else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}{bn}"
         )
 
 
@@ -99,13 +109,27 @@ class GroupedConv(nn.Module):
         self.engine = convs[0].engine
         self.cin = convs[0].in_channels
 
+    def _split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[:, i * self.cin : (i + 1) * self.cin] for i in range(len(self.convs))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        parts = [c(x[:, i * self.cin : (i + 1) * self.cin]) for i, c in enumerate(self.convs)]
-        return torch.cat(parts, dim=1)
+        return torch.cat([c(p) for c, p in zip(self.convs, self._split(x), strict=True)], dim=1)
 
     def integer_dot(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        parts = [
-            c.integer_dot(x[:, i * self.cin : (i + 1) * self.cin])
-            for i, c in enumerate(self.convs)
-        ]
-        return torch.cat(parts, dim=1)
+        return torch.cat(
+            [c.integer_dot(p) for c, p in zip(self.convs, self._split(x), strict=True)], dim=1
+        )
+
+
+class WithBatchNorm(nn.Module):
+    """conv then its BatchNorm, for the rare BN whose eval formula could not be fused exactly."""
+
+    def __init__(self, conv: nn.Module, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv, self.bn = conv, bn.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.bn(self.conv(x))
+
+    def integer_dot(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.conv.integer_dot(x)

@@ -24,7 +24,8 @@ from recu_cli.errors import RecuError
 
 EXT_NAME = "recu_xnor"
 SOURCE = Path(__file__).parent / "csrc" / "xnor.cpp"
-CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall"]
+# -ffp-contract=off: the epilogue must be a separate multiply and add (see csrc/xnor.cpp).
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall"]
 LDFLAGS = ["-fopenmp"]
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512_vpopcntdq"}
 ISA_CODES = {"auto": -1, **{v: k for k, v in ISA_NAMES.items()}}
@@ -130,3 +131,9 @@ def isa_code(isa: str) -> int:
 def detected_isa() -> str:
     """The ISA the kernels use on this CPU when isa='auto'."""
     return ISA_NAMES[int(ops().detect_isa())]
+
+
+def supported_isas() -> list[str]:
+    """Every kernel variant this CPU can run (tests cover the fallbacks with these)."""
+    o = ops()
+    return [name for code, name in ISA_NAMES.items() if o.isa_supported(code)]

@@ -3,9 +3,9 @@
 // Layouts (all words are 64-bit, spare bits 0, bit = 1 means +1, sign(0) = +1):
 //   activations  [N][H + 2 ph][W + 2 pw][CW]   zero words on the padded border
 //   weights      [CB][kh][kw][CW][32]          32 output channels per block (zero-filled)
-// A padded tap therefore reads as -1 everywhere; the Python side adds the image-independent
-// border correction C (prior-art 4.4) through the per-pixel-class bias table `btab`.
-// Output: float NHWC memory (a channels_last NCHW tensor), out = m[o] * popc + btab[cls][o].
+// A padded tap therefore reads as -1 everywhere; the Python side passes the image-independent
+// border correction P (prior-art 4.4) per pixel class in `ktab` = K + P, so that
+//   dot = ktab[cls(y, x)][o] - 2 popc   (exact),   then the epilogue of `finish` below.
 //
 // The ISA is chosen at run time (AVX-512 VPOPCNTDQ, AVX2 nibble-LUT, portable scalar); the
 // file is compiled without -march so the library runs on any x86-64 (or non-x86) CPU.
@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -162,36 +163,61 @@ T512 void pack_row_nchw_avx512(const float* x, u64* out, const PackGeom& g) {
 
 struct ConvGeom {
   int64_t N, Hp, Wp, CW, kh, kw, sh, sw, dh, dw, Ho, Wo, Cout, CB, nxc;
-  const u64* a;        // packed activations
-  const u64* wt;       // packed weights [CB][K][32]
-  const float* m;      // [CB*32] multiplier per output channel
-  const float* btab;   // [nyc*nxc][CB*32] bias per pixel class
-  const int32_t* ymap; // [Ho] row class
-  const int32_t* xmap; // [Wo] column class
-  float* out;          // [N*Ho*Wo][Cout]
-  int64_t toff[64];    // tap offsets in words (kh*kw <= 64)
+  bool nhwc_out;         // output memory order: NHWC (channels_last) or NCHW
+  const u64* a;          // packed activations
+  const u64* wt;         // packed weights [CB][K][32]
+  const int64_t* ktab;   // [nyc*nxc][CB*32] K + P per pixel class (exact integers)
+  const float* s;        // [CB*32] alpha per output channel
+  const float* t;        // [CB*32] bias (nullptr: none)
+  const float* bn_a;     // [CB*32] BatchNorm fma multiplier (nullptr: no BN folded)
+  const float* bn_c;     // [CB*32] BatchNorm fma addend
+  const int32_t* ymap;   // [Ho] row class
+  const int32_t* xmap;   // [Wo] column class
+  float* out;
+  int64_t toff[64];      // tap offsets in words (kh*kw <= 64)
 };
 
 // Pointers for the MR pixels of one tile; pixels past the end repeat the first one.
+// Output element (pixel i, channel o) lives at out[obase[i] + o * ostride].
 struct Tile {
   const u64* arow[MR];
-  const float* brow[MR];
-  float* orow[MR];
+  const int64_t* krow[MR];
+  int64_t obase[MR];
+  int64_t ostride;
   int nvalid;
+  bool run;  // all MR pixels valid and adjacent in memory for each channel (NCHW fast store)
 };
 
 inline void make_tile(const ConvGeom& g, int64_t p0, int64_t M, Tile& t) {
   t.nvalid = static_cast<int>(std::min<int64_t>(MR, M - p0));
   const int64_t hw = g.Ho * g.Wo;
+  t.ostride = g.nhwc_out ? 1 : hw;
   for (int i = 0; i < MR; ++i) {
     const int64_t p = i < t.nvalid ? p0 + i : p0;
     const int64_t n = p / hw, r = p - n * hw, y = r / g.Wo, x = r - y * g.Wo;
     t.arow[i] = g.a + ((n * g.Hp + y * g.sh) * g.Wp + x * g.sw) * g.CW;
-    t.brow[i] = g.btab + (static_cast<int64_t>(g.ymap[y]) * g.nxc + g.xmap[x]) * g.CB * NB;
-    t.orow[i] = g.out + p * g.Cout;
+    t.krow[i] = g.ktab + (static_cast<int64_t>(g.ymap[y]) * g.nxc + g.xmap[x]) * g.CB * NB;
+    t.obase[i] = g.nhwc_out ? p * g.Cout : n * g.Cout * hw + r;
   }
+  t.run = !g.nhwc_out && t.nvalid == MR && t.obase[MR - 1] - t.obase[0] == MR - 1;
 }
 
+// The epilogue of fold.py: dot = K + P - 2 popc exactly in integers, then the float32
+// operations of BinaryConv2d and ATen's eval BatchNorm in their order: v = dot * alpha;
+// v = v + bias; v = fma(v, a, c). Built with -ffp-contract=off so the compiler never fuses
+// the multiply and the add, which would round differently from the float model.
+inline float finish(const ConvGeom& g, int64_t kc, int64_t cnt, int64_t o) {
+  float v = static_cast<float>(kc - 2 * cnt) * g.s[o];
+  if (g.t) v = v + g.t[o];
+  if (g.bn_a) v = std::fma(v, g.bn_a[o], g.bn_c[o]);
+  return v;
+}
+
+// Portable path; on x86 GCC/Clang also clone it with the POPCNT instruction (ifunc-dispatched)
+// so CPUs without AVX2 still get a hardware popcount instead of libgcc's bit tricks.
+#if RECU_X86 && defined(__GNUC__) && defined(__ELF__)
+__attribute__((target_clones("popcnt", "default")))
+#endif
 void tile_generic(const ConvGeom& g, const Tile& t, int64_t cb) {
   const int64_t ntaps = g.kh * g.kw, c0 = cb * NB;
   const int64_t nc = std::min<int64_t>(NB, g.Cout - c0);
@@ -206,7 +232,7 @@ void tile_generic(const ConvGeom& g, const Tile& t, int64_t cb) {
       }
     }
     for (int64_t o = 0; o < nc; ++o)
-      t.orow[i][c0 + o] = g.m[c0 + o] * static_cast<float>(acc[o]) + t.brow[i][c0 + o];
+      g.out[t.obase[i] + (c0 + o) * t.ostride] = finish(g, t.krow[i][c0 + o], acc[o], c0 + o);
   }
 }
 
@@ -242,22 +268,60 @@ T512 void tile_avx512(const ConvGeom& g, const Tile& t, int64_t cb) {
       }
     }
   }
-  __mmask8 cm[4];
-  for (int v = 0; v < 4; ++v) {
-    const int64_t rem = g.Cout - (c0 + 8 * v);
-    cm[v] = rem >= 8 ? __mmask8(0xFF) : rem <= 0 ? __mmask8(0) : __mmask8((1u << rem) - 1u);
-  }
-  const float* m = g.m + c0;
+  // Epilogue: exact integer dot -> float -> * s (+ t), as in `finish`.
+  __m256 res[MR][4];
   for (int i = 0; i < MR; ++i) {
-    if (i >= t.nvalid) break;
-    const float* b = t.brow[i] + c0;
-    float* o = t.orow[i] + c0;
+    const int64_t* kc = t.krow[i] + c0;
     for (int v = 0; v < 4; ++v) {
-      if (!cm[v]) break;
-      const __m256 cnt = _mm512_cvtepi64_ps(acc[i][v]);
-      const __m256 r =
-          _mm256_fmadd_ps(_mm256_loadu_ps(m + 8 * v), cnt, _mm256_loadu_ps(b + 8 * v));
-      _mm256_mask_storeu_ps(o + 8 * v, cm[v], r);
+      const __m512i twice = _mm512_add_epi64(acc[i][v], acc[i][v]);
+      const __m512i d = _mm512_sub_epi64(_mm512_loadu_si512(kc + 8 * v), twice);
+      res[i][v] = _mm256_mul_ps(_mm512_cvtepi64_ps(d), _mm256_loadu_ps(g.s + c0 + 8 * v));
+      if (g.t) res[i][v] = _mm256_add_ps(res[i][v], _mm256_loadu_ps(g.t + c0 + 8 * v));
+      if (g.bn_a)
+        res[i][v] = _mm256_fmadd_ps(res[i][v], _mm256_loadu_ps(g.bn_a + c0 + 8 * v),
+                                    _mm256_loadu_ps(g.bn_c + c0 + 8 * v));
+    }
+  }
+  const int64_t nc = std::min<int64_t>(NB, g.Cout - c0);
+  if (g.nhwc_out) {
+    for (int i = 0; i < MR; ++i) {
+      if (i >= t.nvalid) break;
+      float* o = g.out + t.obase[i] + c0;
+      for (int v = 0; v < 4; ++v) {
+        const int64_t rem = nc - 8 * v;
+        if (rem <= 0) break;
+        const __mmask8 cm = rem >= 8 ? __mmask8(0xFF) : __mmask8((1u << rem) - 1u);
+        _mm256_mask_storeu_ps(o + 8 * v, cm, res[i][v]);
+      }
+    }
+  } else if (t.run) {
+    // NCHW: transpose each 4 pixels x 8 channels block into 8 runs of 4 adjacent pixels.
+    float* o = g.out + t.obase[0] + c0 * t.ostride;
+    for (int v = 0; v < 4; ++v) {
+      if (nc - 8 * v <= 0) break;
+      const __m256 t0 = _mm256_unpacklo_ps(res[0][v], res[1][v]);
+      const __m256 t1 = _mm256_unpackhi_ps(res[0][v], res[1][v]);
+      const __m256 t2 = _mm256_unpacklo_ps(res[2][v], res[3][v]);
+      const __m256 t3 = _mm256_unpackhi_ps(res[2][v], res[3][v]);
+      const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                           _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+      for (int j = 0; j < 8; ++j) {
+        const int64_t ch = 8 * v + j;
+        if (ch >= nc) break;
+        const __m128 q = j < 4 ? _mm256_castps256_ps128(u[j]) : _mm256_extractf128_ps(u[j - 4], 1);
+        _mm_storeu_ps(o + ch * t.ostride, q);
+      }
+    }
+  } else {
+    alignas(32) float tmp[4][8];
+    for (int i = 0; i < MR; ++i) {
+      if (i >= t.nvalid) break;
+      for (int v = 0; v < 4; ++v) {
+        if (nc - 8 * v <= 0) break;
+        _mm256_store_ps(tmp[v], res[i][v]);
+        for (int j = 0; j < 8 && 8 * v + j < nc; ++j)
+          g.out[t.obase[i] + (c0 + 8 * v + j) * t.ostride] = tmp[v][j];
+      }
     }
   }
 }
@@ -296,7 +360,7 @@ T256 void tile_avx2(const ConvGeom& g, const Tile& t, int64_t cb) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(cnt + 16 * h + 4 * v), acc[v]);
     }
     for (int64_t o = 0; o < nc; ++o)
-      t.orow[i][c0 + o] = g.m[c0 + o] * static_cast<float>(cnt[o]) + t.brow[i][c0 + o];
+      g.out[t.obase[i] + (c0 + o) * t.ostride] = finish(g, t.krow[i][c0 + o], cnt[o], c0 + o);
   }
 }
 #endif
@@ -386,15 +450,24 @@ at::Tensor pack_weights(const at::Tensor& w) {
   return out;
 }
 
-// x: float [N, Cin, H, W] (NCHW or channels_last); returns [N, Cout, Ho, Wo] channels_last.
+// x: float [N, Cin, H, W], NCHW or channels_last; the output keeps the input's memory format
+// (as F.conv2d does), so the float layers around it see the layouts they would see without it.
 at::Tensor conv(const at::Tensor& x, const at::Tensor& wpk, int64_t cout, int64_t kh, int64_t kw,
                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                const at::Tensor& m, const at::Tensor& btab, const at::Tensor& ymap,
-                const at::Tensor& xmap, int64_t isa) {
+                const at::Tensor& ktab, const at::Tensor& s, const c10::optional<at::Tensor>& t,
+                const c10::optional<at::Tensor>& bn_a, const c10::optional<at::Tensor>& bn_c,
+                const at::Tensor& ymap, const at::Tensor& xmap, int64_t isa) {
   isa = resolve_isa(isa);
   at::Tensor a = pack_impl(x, ph, pw, isa);
-  check_cpu_float(m, "m");
-  check_cpu_float(btab, "btab");
+  check_cpu_float(s, "s");
+  if (t.has_value()) check_cpu_float(*t, "t");
+  TORCH_CHECK(bn_a.has_value() == bn_c.has_value(), "recu xnor: give both bn_a and bn_c or neither");
+  if (bn_a.has_value()) {
+    check_cpu_float(*bn_a, "bn_a");
+    check_cpu_float(*bn_c, "bn_c");
+  }
+  TORCH_CHECK(ktab.scalar_type() == at::kLong && ktab.is_contiguous() && ktab.dim() == 3,
+              "recu xnor: ktab must be contiguous int64 [nyc, nxc, Cpad]");
   TORCH_CHECK(wpk.scalar_type() == at::kLong && wpk.is_contiguous() && wpk.dim() == 5,
               "recu xnor: packed weights must be int64 [CB, kh, kw, CW, 32]");
   TORCH_CHECK(ymap.scalar_type() == at::kInt && xmap.scalar_type() == at::kInt &&
@@ -416,20 +489,28 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& wpk, int64_t cout, int64_
                   wpk.size(3) == g.CW && wpk.size(4) == NB,
               "recu xnor: packed weights do not match the input channels or kernel");
   TORCH_CHECK(ymap.numel() == g.Ho && xmap.numel() == g.Wo, "recu xnor: ymap/xmap size");
-  TORCH_CHECK(m.numel() == g.CB * NB && btab.numel() % (g.CB * NB) == 0,
-              "recu xnor: m/btab must be padded to a multiple of 32 channels");
-  TORCH_CHECK(btab.dim() == 3 && btab.size(2) == g.CB * NB, "recu xnor: btab shape");
-  g.nxc = btab.size(1);
+  const int64_t cp = g.CB * NB;
+  TORCH_CHECK(s.numel() == cp && (!t.has_value() || t->numel() == cp) &&
+                  (!bn_a.has_value() || (bn_a->numel() == cp && bn_c->numel() == cp)) &&
+                  ktab.size(2) == cp,
+              "recu xnor: s/t/ktab must be padded to a multiple of 32 channels");
+  g.nxc = ktab.size(1);
   for (int64_t y = 0; y < kh; ++y)
     for (int64_t x = 0; x < kw; ++x) g.toff[y * kw + x] = (y * dh * g.Wp + x * dw) * g.CW;
   g.a = reinterpret_cast<const u64*>(a.data_ptr<int64_t>());
   g.wt = reinterpret_cast<const u64*>(wpk.data_ptr<int64_t>());
-  g.m = m.data_ptr<float>();
-  g.btab = btab.data_ptr<float>();
+  g.ktab = ktab.data_ptr<int64_t>();
+  g.s = s.data_ptr<float>();
+  g.t = t.has_value() ? t->data_ptr<float>() : nullptr;
+  g.bn_a = bn_a.has_value() ? bn_a->data_ptr<float>() : nullptr;
+  g.bn_c = bn_c.has_value() ? bn_c->data_ptr<float>() : nullptr;
   g.ymap = ymap.data_ptr<int32_t>();
   g.xmap = xmap.data_ptr<int32_t>();
-  at::Tensor out = at::empty({g.N, cout, g.Ho, g.Wo},
-                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  g.nhwc_out = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  at::Tensor out = at::empty(
+      {g.N, cout, g.Ho, g.Wo},
+      x.options().memory_format(g.nhwc_out ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::Contiguous));
   g.out = out.data_ptr<float>();
   const int64_t M = g.N * g.Ho * g.Wo;
   const int64_t nchunks = ((M + MR - 1) / MR + TILES_PER_TASK - 1) / TILES_PER_TASK;
@@ -445,16 +526,23 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& wpk, int64_t cout, int64_
 
 int64_t detect_isa() { return best_isa(); }
 
+bool isa_supported(int64_t isa) {
+  return isa == GENERIC || (isa == AVX2 && cpu_has_avx2()) || (isa == AVX512 && cpu_has_avx512());
+}
+
 }  // namespace
 }  // namespace recu
 
 TORCH_LIBRARY(recu_xnor, lib) {
   lib.def("detect_isa() -> int", &recu::detect_isa);
+  lib.def("isa_supported(int isa) -> bool", &recu::isa_supported);
   lib.def("pack_activations(Tensor x, int ph, int pw, int isa) -> Tensor",
           &recu::pack_activations);
   lib.def("pack_weights(Tensor w) -> Tensor", &recu::pack_weights);
   lib.def(
       "conv(Tensor x, Tensor wpk, int cout, int kh, int kw, int sh, int sw, int ph, int pw, "
-      "int dh, int dw, Tensor m, Tensor btab, Tensor ymap, Tensor xmap, int isa) -> Tensor",
+      "int dh, int dw, Tensor ktab, Tensor s, Tensor? t, Tensor? bn_a, Tensor? bn_c, Tensor ymap, "
+      "Tensor xmap, int isa) "
+      "-> Tensor",
       &recu::conv);
 }

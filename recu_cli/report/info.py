@@ -1,0 +1,234 @@
+"""`recu info`: a Larq-style summary computed from the file itself.
+
+Parameter counts and bytes come from the safetensors header (real bytes on disk, not a
+model's idea of them); output sizes for BOPs/FLOPs come from one forward of the rebuilt
+module tree on the meta device at the recorded input size (shapes only, no compute).
+Conventions: 1 MAC = 1 FLOP (or 1 BOP for a binary conv), as in Bi-Real/ReActNet/ReCU;
+OPs = BOPs / 64 + FLOPs; BN, activations and the alpha scaling are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+
+from recu_cli import pack
+from recu_cli.report.fit import Column, fitted_table
+
+
+def _output_shapes(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shape of every conv and linear at `input_size` (meta forward)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(
+                m.register_forward_hook(
+                    lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))
+                )
+            )
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size, device="meta"))
+    except Exception:  # noqa: BLE001 - an exotic forward on meta: report compute as n/a
+        shapes.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _macs(m: nn.Module, out: tuple[int, ...] | None) -> int | None:
+    if out is None:
+        return None
+    if isinstance(m, nn.Conv2d):
+        kh, kw = m.kernel_size
+        return math.prod(out) * (m.in_channels // m.groups) * kh * kw
+    if isinstance(m, nn.Linear):
+        return math.prod(out) * m.in_features
+    return None
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """Per-module and total sizes and compute of a packed file, JSON-ready."""
+    packed = pack.read(path, verify=False)
+    model = pack.skeleton(packed)
+    pack.check_against_recipe(packed, model)
+    outputs = _output_shapes(model, packed.spec.input_size)
+    binary = {e["name"]: e for e in packed.layers}
+    by_owner: dict[str, list[pack.TensorInfo]] = {}
+    for info in packed.tensors.values():
+        by_owner.setdefault(info.name.rpartition(".")[0], []).append(info)
+    rows = []
+    for name, m in model.named_modules():
+        if name not in by_owner:
+            continue
+        rows.append(_row(name, m, by_owner.pop(name), binary.get(name), outputs.get(name)))
+    t = _totals(packed, rows, bool(outputs))
+    return {
+        "file": str(packed.path),
+        "model": packed.spec.full_name,
+        "input_size": list(packed.spec.input_size),
+        "num_classes": packed.spec.num_classes,
+        "tau": packed.tau,
+        "storage": packed.storage,
+        "layers": rows,
+        "totals": t,
+    }
+
+
+def _row(
+    name: str,
+    m: nn.Module,
+    tensors: list[pack.TensorInfo],
+    entry: dict[str, Any] | None,
+    out: tuple[int, ...] | None,
+) -> dict[str, Any]:
+    latent = [t for t in tensors if entry is not None and t.name == name + pack.LATENT_SUFFIX]
+    stored = [t for t in tensors if t not in latent]
+    bits = [t for t in stored if t.name.endswith(pack.BITS_SUFFIX)]
+    floats = [t for t in stored if t.dtype in pack.FLOAT_DTYPES]
+    macs = _macs(m, out)
+    return {
+        "name": name or "(root)",
+        "type": "BinaryConv2d" if entry is not None else type(m).__name__,
+        "output": list(out) if out is not None else None,
+        "binary_params": math.prod(entry["shape"]) if entry is not None else 0,
+        "binary_bytes": sum(t.nbytes for t in bits),
+        "fp_values": sum(t.numel for t in floats),
+        "fp_bytes": sum(t.nbytes for t in floats),
+        "other_bytes": sum(t.nbytes for t in stored if t not in bits and t not in floats),
+        "bytes": sum(t.nbytes for t in stored),
+        "latent_bytes": sum(t.nbytes for t in latent),
+        "bops": macs if entry is not None else 0,
+        "flops": macs if entry is None else 0,
+    }
+
+
+def _totals(packed: pack.PackedFile, rows: list[dict[str, Any]], compute: bool) -> dict[str, Any]:
+    def total(key: str) -> int:
+        return sum(int(r[key] or 0) for r in rows)
+
+    binary, fp = total("binary_params"), total("fp_values")
+    f32 = 4 * (binary + fp)
+    bops, flops = (total("bops"), total("flops")) if compute else (None, None)
+    ops = bops / 64 + flops if compute else None
+    return {
+        "file_bytes": packed.file_bytes,
+        "header_bytes": packed.header_bytes,
+        "binary_weights": binary,
+        "binary_bytes": total("binary_bytes"),
+        "bits_per_binary_weight": 8 * total("binary_bytes") / binary if binary else None,
+        "full_precision_values": fp,
+        "full_precision_bytes": total("fp_bytes"),
+        "other_bytes": total("other_bytes"),
+        "latent_bytes": total("latent_bytes"),
+        "deploy_bytes": packed.file_bytes - total("latent_bytes"),
+        "float32_bytes": f32,
+        "compression": f32 / packed.file_bytes,
+        "deploy_compression": f32 / (packed.file_bytes - total("latent_bytes")),
+        "binary_param_share": binary / (binary + fp) if binary + fp else None,
+        "bops": bops,
+        "flops": flops,
+        "ops": ops,
+        "binary_mac_share": bops / (bops + flops) if compute and bops + flops else None,
+        "binary_ops_share": bops / 64 / ops if compute and ops else None,
+    }
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _g(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 1e9:.3f} G"
+
+
+def render_info(console: Console, s: dict[str, Any]) -> None:
+    """Per-module table, then the totals."""
+    rows = s["layers"]
+
+    def col(header: str, fn, priority: int, justify: str = "right") -> Column:
+        return Column(header, [fn(r) for r in rows], justify, "", priority)
+
+    cols = [
+        col("layer", lambda r: r["name"], 100, "left"),
+        col("type", lambda r: r["type"], 6, "left"),
+        col("output", lambda r: "x".join(map(str, r["output"])) if r["output"] else "", 1, "left"),
+        col("1-bit", lambda r: f"{r['binary_params']:,}" if r["binary_params"] else "", 9),
+        col("fp values", lambda r: f"{r['fp_values']:,}" if r["fp_values"] else "", 8),
+        col("bytes", lambda r: f"{r['bytes']:,}", 10),
+        col("BOPs", lambda r: f"{r['bops']:,}" if r["bops"] else "", 3),
+        col("FLOPs", lambda r: f"{r['flops']:,}" if r["flops"] else "", 2),
+    ]
+    size = "x".join(map(str, s["input_size"]))
+    t, hidden = fitted_table(
+        cols,
+        console.width,
+        f"{s['model']} from {s['file']} (input {size}; bytes = tensor data on disk)",
+    )
+    console.print(t)
+    if hidden:
+        console.print(
+            Text(f"not shown at this width: {', '.join(hidden)} (or use --json)", style="dim")
+        )
+    tot = s["totals"]
+    summary = Table(title="totals", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    pairs = [
+        ("file size", f"{tot['file_bytes']:,} bytes ({_mb(tot['file_bytes'])})"),
+        ("  header + metadata", f"{tot['header_bytes']:,} bytes"),
+        (
+            "  binary weights",
+            f"{tot['binary_weights']:,} in {tot['binary_bytes']:,} bytes "
+            f"({_bits(tot['bits_per_binary_weight'])} bits each)",
+        ),
+        (
+            "  full-precision values",
+            f"{tot['full_precision_values']:,} in {tot['full_precision_bytes']:,} bytes",
+        ),
+    ]
+    if tot["latent_bytes"]:
+        pairs.append(
+            (
+                "  latent weights (fp32)",
+                f"{tot['latent_bytes']:,} bytes; without them {_mb(tot['deploy_bytes'])}",
+            )
+        )
+    pairs += [
+        ("float32 equivalent", _mb(tot["float32_bytes"])),
+        (
+            "compression",
+            f"{tot['compression']:.1f}x"
+            + (
+                f" ({tot['deploy_compression']:.1f}x without latents)"
+                if tot["latent_bytes"]
+                else ""
+            ),
+        ),
+        ("binary share of params", _share(tot["binary_param_share"])),
+        ("BOPs (binary MACs)", _g(tot["bops"])),
+        ("FLOPs (full-precision MACs)", _g(tot["flops"])),
+        ("OPs = BOPs/64 + FLOPs", _g(tot["ops"])),
+        ("binary share of MACs", _share(tot["binary_mac_share"])),
+        ("binary share of OPs", _share(tot["binary_ops_share"])),
+    ]
+    for k, v in pairs:
+        summary.add_row(k, v)
+    console.print(summary)
+
+
+def _bits(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -1,0 +1,397 @@
+"""`recu analyze`, `recu info`, `recu eval` on packed files, bad files, and loader fuzzing."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import io
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from recu_cli import pack
+from recu_cli.cli import main
+from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.errors import RecuError
+from recu_cli.models import create_model
+from recu_cli.report.analysis import analyze, render_analysis
+from recu_cli.report.info import summarize
+from recu_cli.report.plots import require_matplotlib
+
+
+def make_packed(path: Path, *, latent: bool = False, noise: float = 0.0, seed: int = 0) -> Path:
+    """A packed resnet20 (random init: no shared data needed), optionally perturbed."""
+    torch.manual_seed(seed)
+    config = ConvertConfig(tau=0.85)
+    model, spec = create_model("resnet20")
+    model, _ = convert_model(model, config)
+    if noise:
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "tau"):
+                    m.weight.add_(noise * torch.randn_like(m.weight))
+    pack.save(path, model, spec, config, keep_latent=latent)
+    return path
+
+
+def rewrite(
+    src: Path,
+    dst: Path,
+    meta: dict[str, str] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Copy a packed file with some metadata values / tensors replaced (a hand edit)."""
+    with safe_open(str(src), "pt") as f:
+        metadata = dict(f.metadata())
+    data = load_file(str(src))
+    metadata.update(meta or {})
+    data.update(tensors or {})
+    save_file(data, str(dst), metadata=metadata)
+    return dst
+
+
+def edit_json(src: Path, dst: Path, key: str, fn) -> Path:
+    with safe_open(str(src), "pt") as f:
+        value = json.loads(f.metadata()[key])
+    fn(value)
+    return rewrite(src, dst, {key: json.dumps(value)})
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), out, err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("packed")
+    return {
+        "old": make_packed(d / "old.safetensors", latent=True),
+        "new": make_packed(d / "new.safetensors", noise=0.05),
+        "plain_old": make_packed(d / "plain_old.safetensors"),
+    }
+
+
+# ---------------------------------------------------------------- analyze
+
+
+def test_analyze_json(files, capsys) -> None:
+    code, out, err = run_cli(["analyze", str(files["new"]), "--json"], capsys)
+    assert code == 0 and not err
+    r = json.loads(out)
+    assert r["model"] == "resnet20" and r["entropy_unit"] == "bits"
+    assert len(r["layers"]) == 18 and r["totals"]["weights"] == 267_264
+    assert 0.25 < r["totals"]["dead_share"] < 0.40  # ~2(1 - 0.85) for Laplace-like weights
+    assert r["compare"] is None
+
+
+def test_analyze_compare_splits_tail_and_core(files, capsys) -> None:
+    args = ["analyze", str(files["new"]), "--compare", str(files["old"]), "--json"]
+    code, out, _ = run_cli(args, capsys)
+    c = json.loads(out)["compare"]
+    assert code == 0 and c["tail_from"] == str(files["old"])
+    t = c["totals"]
+    assert t["n"] == 267_264 and t["tail_n"] + t["core_n"] == t["n"]
+    assert 0 < t["overall"] < 0.5
+    assert t["tail"] < t["core"]  # dead (tail) weights flip less: the point of ReCU
+    # the same rates as flip_rates on the unpacked signs
+    old_s = pack.read_signs(pack.read(files["old"]))
+    new_s = pack.read_signs(pack.read(files["new"]))
+    flips = sum(int((old_s[k] != new_s[k]).sum()) for k in old_s)
+    assert t["flips"] == flips
+
+
+def test_analyze_compare_without_latent_says_na(files, capsys) -> None:
+    args = ["analyze", str(files["new"]), "--compare", str(files["plain_old"])]
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0 and "flip %" in out and "n/a" in out
+    r = analyze(files["new"], files["plain_old"])
+    assert r["compare"]["totals"]["tail"] is None and r["compare"]["tail_from"] is None
+
+
+def test_analyze_table_and_histograms(files, capsys) -> None:
+    code, out, _ = run_cli(["analyze", str(files["new"]), "--hist", "2"], capsys)
+    assert code == 0
+    assert "layer3.2.conv2" in out and "most dead" in out and "least dead" in out
+    assert any(ch in out for ch in "▁▂▃▄▅▆▇█")
+
+
+def test_analyze_plot(files, tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "fig" / "a.png"
+    args = ["analyze", str(files["new"]), "--compare", str(files["old"]), "--plot", str(png)]
+    code, _, _ = run_cli(args, capsys)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_one_line(files, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    code, out, err = run_cli(
+        ["analyze", str(files["new"]), "--plot", str(tmp_path / "x.png")], capsys
+    )
+    # cli.main prints messages as rich markup, which eats "[plot]" until it escapes them
+    assert code == 2 and err.strip().count("\n") == 0 and "pip install 'recu" in err
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RecuError, match=re.escape("pip install 'recu[plot]'")):
+        require_matplotlib()
+
+
+# ---------------------------------------------------------------- info
+
+
+def test_info_resnet20_by_hand(files, capsys) -> None:
+    code, out, _ = run_cli(["info", str(files["plain_old"]), "--json"], capsys)
+    assert code == 0
+    s = json.loads(out)
+    t = s["totals"]
+    assert t["file_bytes"] == files["plain_old"].stat().st_size
+    assert t["binary_weights"] == 267_264 and t["binary_bytes"] == 267_264 // 8
+    # 16 channels at 32x32: 16*16*9 * 1024 = 2,359,296 MACs per 3x3 conv, etc.
+    assert t["bops"] == 6 * 2_359_296 + 2 * (1_179_648 + 5 * 2_359_296)
+    assert t["flops"] == 16 * 3 * 9 * 1024 + 64 * 10  # stem + classifier
+    assert t["ops"] == pytest.approx(t["bops"] / 64 + t["flops"])
+    assert t["compression"] == pytest.approx(t["float32_bytes"] / t["file_bytes"])
+    assert t["float32_bytes"] == 4 * (t["binary_weights"] + t["full_precision_values"])
+    assert sum(r["bytes"] for r in s["layers"]) + t["header_bytes"] == t["file_bytes"]
+    code, out, _ = run_cli(["info", str(files["plain_old"])], capsys)
+    assert code == 0 and "compression" in out and "BinaryConv2d" in out
+
+
+def test_info_counts_latent_separately(files) -> None:
+    t = summarize(files["old"])["totals"]
+    assert t["latent_bytes"] == 4 * 267_264
+    assert t["deploy_bytes"] == t["file_bytes"] - t["latent_bytes"]
+
+
+# ---------------------------------------------------------------- eval / convert
+
+
+def test_convert_then_eval_packed(
+    cifar_dir: Path, resnet20_weights: Path, tmp_path, capsys
+) -> None:
+    data, weights = cifar_dir, resnet20_weights
+    out = tmp_path / "r20.safetensors"
+    code, _, err = run_cli(
+        [
+            "convert",
+            "resnet20",
+            "--weights",
+            str(weights),
+            "-o",
+            str(out),
+            "--tau",
+            "0.9",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert pack.read(out).tau == pytest.approx(0.9)
+    args = [
+        "eval",
+        str(out),
+        "--data",
+        str(data),
+        "-b",
+        "50",
+        "--max-batches",
+        "1",
+        "-j",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["images"] == 50 and 0.0 <= r["top1"] <= 100.0
+
+
+# ---------------------------------------------------------------- bad files
+
+
+def _bad_files(src: Path, d: Path) -> dict[str, tuple[Path, str]]:
+    raw = src.read_bytes()
+    (d / "empty.safetensors").write_bytes(b"")
+    (d / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    (d / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    timm_model = timm.create_model("test_resnet")
+    save_file(timm_model.state_dict(), str(d / "plain.safetensors"), metadata={"format": "pt"})
+
+    def shape(v):
+        v[0]["shape"] = [16, 16, 3, 2]
+
+    def model(v):
+        v["name"] = "resnet_does_not_exist"
+
+    def classes(v):
+        v["num_classes"] = 100
+
+    bn = "layer1.0.bn1.weight"
+    return {
+        "empty": (d / "empty.safetensors", "empty"),
+        "random": (d / "random.safetensors", "not a safetensors file"),
+        "truncated": (d / "truncated.safetensors", "truncated"),
+        "plain": (d / "plain.safetensors", "not a recu packed file"),
+        "magic": (
+            rewrite(src, d / "magic.safetensors", {"format": "recu-pack"}),
+            "not a recu packed file",
+        ),
+        "version": (
+            rewrite(src, d / "version.safetensors", {"format_version": "99"}),
+            "upgrade recu",
+        ),
+        "json": (rewrite(src, d / "json.safetensors", {"recipe": "{'tau': 1"}), "not valid JSON"),
+        "shape": (edit_json(src, d / "shape.safetensors", "layers", shape), "shape"),
+        "tensor": (
+            rewrite(src, d / "tensor.safetensors", tensors={bn: torch.ones(17)}),
+            "layer1.0.bn1.weight",
+        ),
+        "model": (edit_json(src, d / "model.safetensors", "model", model), "not registered"),
+        "classes": (edit_json(src, d / "classes.safetensors", "model", classes), "linear"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad(files, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    return _bad_files(files["plain_old"], tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty",
+        "random",
+        "truncated",
+        "plain",
+        "magic",
+        "version",
+        "json",
+        "shape",
+        "tensor",
+        "model",
+        "classes",
+    ],
+)
+@pytest.mark.parametrize("command", [["info"], ["analyze"], ["eval", "--data", "demo"]])
+def test_bad_file_is_one_clear_line(bad, case: str, command: list[str], capsys) -> None:
+    path, expected = bad[case]
+    before = sorted(os.listdir(path.parent))
+    code, out, err = run_cli([command[0], str(path), *command[1:]], capsys)
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and err.startswith("error:"), err
+    assert expected in err, err
+    assert out == ""
+    assert sorted(os.listdir(path.parent)) == before
+
+
+def test_missing_file(tmp_path, capsys) -> None:
+    code, _, err = run_cli(["info", str(tmp_path / "nope.safetensors")], capsys)
+    assert code == 2 and "file not found" in err and err.strip().count("\n") == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_api_raises_recu_error(bad) -> None:
+    for path, expected in bad.values():
+        with pytest.raises(RecuError, match=expected.split("(")[0]):
+            pack.load(path)
+
+
+# ---------------------------------------------------------------- fuzzing
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=10,
+)
+KEYS = [
+    "format",
+    "format_version",
+    "recu_version",
+    "model",
+    "recipe",
+    "encoding",
+    "layers",
+    "tau",
+    "storage",
+    "stats",
+    "training",
+    "history",
+]
+
+
+@functools.cache
+def _fuzz_base() -> tuple[Path, dict[str, str], dict[str, torch.Tensor]]:
+    """One valid packed file (made once, removed at exit): folder, metadata, tensors."""
+    folder = Path(tempfile.mkdtemp(prefix="recu-fuzz-"))
+    atexit.register(shutil.rmtree, folder, True)
+    src = make_packed(folder / "src.safetensors")
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    return folder, meta, load_file(str(src))
+
+
+def _try_everything(meta: dict[str, str]) -> None:
+    """Loading, reading, analyzing and summarizing either work or raise RecuError."""
+    folder, _, tensors = _fuzz_base()
+    path = folder / "fuzz.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    for fn in (pack.load, pack.read, pack.read_spec, summarize):
+        try:
+            fn(path)
+        except RecuError as e:
+            assert "\n" not in str(e)
+    with contextlib.suppress(RecuError):
+        render_analysis(Console(file=io.StringIO(), width=120), analyze(path))
+
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(key=st.sampled_from(KEYS), value=st.one_of(st.text(max_size=40), JSON.map(json.dumps)))
+def test_fuzz_replace_metadata_value(key: str, value: str) -> None:
+    _try_everything({**_fuzz_base()[1], key: value})
+
+
+@FUZZ
+@given(key=st.sampled_from(KEYS[3:]), data=st.data())
+def test_fuzz_edit_inside_metadata_json(key: str, data) -> None:
+    doc = json.loads(_fuzz_base()[1][key])
+    if not isinstance(doc, (dict, list)) or not doc:
+        doc = data.draw(JSON)
+    else:
+        node = doc
+        while True:
+            keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+            k = data.draw(st.sampled_from(keys))
+            child = node[k]
+            if isinstance(child, (dict, list)) and child and data.draw(st.booleans()):
+                node = child
+                continue
+            node[k] = data.draw(JSON)
+            break
+    _try_everything({**_fuzz_base()[1], key: json.dumps(doc)})
+
+
+@FUZZ
+@given(drop=st.sets(st.sampled_from(KEYS), min_size=1, max_size=3))
+def test_fuzz_missing_metadata_keys(drop: set[str]) -> None:
+    _try_everything({k: v for k, v in _fuzz_base()[1].items() if k not in drop})
