@@ -76,6 +76,10 @@ def eval_cmd(
         if runtime != "torch":
             from recu_cli.runtime import to_runtime
 
+            if dev.type != "cpu":
+                if device:
+                    raise RecuError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
+                dev = torch.device("cpu")
             net = to_runtime(net, runtime)
         name = str(path)
     else:

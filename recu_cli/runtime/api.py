@@ -37,14 +37,18 @@ def available(engine: str) -> tuple[bool, str]:
             return True, f"C++ XNOR-popcount kernels ({ext.detected_isa()})"
         except RecuError as e:
             return False, str(e)
+    from recu_cli.runtime.int8 import onednn_available
+
+    if onednn_available():
+        return True, "+-1 int8 conv (oneDNN u8 x s8, fp32 output)"
     if not hasattr(torch, "_int_mm"):
-        return False, f"torch {torch.__version__} has no torch._int_mm; upgrade torch (>= 2.3)"
+        return False, f"torch {torch.__version__} has no int8 conv or torch._int_mm; upgrade torch"
     try:
         a = torch.ones(1, 8, dtype=torch.int8)
         torch._int_mm(a, torch.ones(8, 8, dtype=torch.int8))
     except RuntimeError as e:
         return False, f"torch._int_mm does not run on this CPU build ({e})"
-    return True, "+-1 int8 GEMM (torch._int_mm, oneDNN)"
+    return True, "+-1 int8 GEMM (int8 im2col + torch._int_mm)"
 
 
 def _engine_conv(engine: str, w: torch.Tensor, epi: Epilogue, layer: BinaryConv2d) -> RuntimeConv:
@@ -77,19 +81,13 @@ def fast_conv(layer: BinaryConv2d, engine: str, bn: nn.BatchNorm2d | None = None
     tail = None
     if epi is None:  # this torch computes eval BN differently: run it as its own op
         epi, tail = fold_epilogue(layer, None), copy.deepcopy(bn)
-    g = layer.groups
-    co = layer.out_channels // g
+    assert epi is not None  # fold_epilogue without a BN always succeeds
+    g, co = layer.groups, layer.out_channels // layer.groups
     if g == 1:
-        mod: nn.Module = _engine_conv(engine, w, epi, layer)  # type: ignore[arg-type]
+        mod: nn.Module = _engine_conv(engine, w, epi, layer)
     else:
-        mod = GroupedConv(
-            [
-                _engine_conv(
-                    engine, w[i * co : (i + 1) * co], epi.slice(i * co, (i + 1) * co), layer
-                )  # type: ignore[union-attr]
-                for i in range(g)
-            ]
-        )
+        parts = [(w[i * co : (i + 1) * co], epi.slice(i * co, (i + 1) * co)) for i in range(g)]
+        mod = GroupedConv([_engine_conv(engine, wg, eg, layer) for wg, eg in parts])
     return mod if tail is None else WithBatchNorm(mod, tail)
 
 

@@ -52,7 +52,7 @@ def build_key() -> str:
     return h.hexdigest()[:12]
 
 
-def _toolchain_problem() -> str | None:
+def toolchain_problem() -> str | None:
     """Why a JIT build cannot even start, or None."""
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
@@ -76,15 +76,25 @@ def _import_cpp_extension() -> Any:
 
 
 def _build() -> Any:
-    problem = _toolchain_problem()
+    problem = toolchain_problem()
     if problem is not None:
-        raise RecuError(f"cannot build the xnor kernels: {problem}; use --engine int8 or torch")
+        raise RecuError(
+            f"cannot build the xnor kernels: {problem}; use the int8 (or torch) engine instead",
+            exit_code=1,
+        )
     if not SOURCE.is_file():
         raise RecuError(f"xnor kernel source missing at {SOURCE}; reinstall recu", exit_code=1)
     cpp = _import_cpp_extension()
     key = build_key()
     build_dir = cache_root() / f"{EXT_NAME}-{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecuError(
+            f"cannot create the kernel cache folder {build_dir} ({e.strerror}); set RECU_EXT_DIR "
+            "to a writable folder",
+            exit_code=1,
+        ) from e
     try:
         cpp.load(
             name=f"{EXT_NAME}_{key}",
@@ -100,7 +110,7 @@ def _build() -> Any:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise RecuError(
             f"building the xnor kernels failed ({last}); rerun with RECU_EXT_VERBOSE=1 to see "
-            f"the compiler output, or use --engine int8 or torch",
+            f"the compiler output, or use the int8 (or torch) engine instead",
             exit_code=1,
         ) from e
     return torch.ops.recu_xnor

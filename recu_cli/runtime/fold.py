@@ -30,7 +30,7 @@ from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.errors import RecuError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Epilogue:
     """Per-output-channel float32 terms of out = fma(dot * alpha + bias, a, c)."""
 
@@ -123,7 +123,7 @@ def border_classes(
     return torch.tensor(cls, dtype=torch.int32), oob
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Border:
     """Per-pixel-class padding data for one input size."""
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from recu_cli.errors import RecuError
 from recu_cli.runtime import ext
 from recu_cli.runtime.base import RuntimeConv
 from recu_cli.runtime.fold import Border, Epilogue, pad_channels
 
 BLOCK = 32  # output channels per weight block in the kernel
+MAX_TAPS = 64  # kh * kw, the kernel's tap-offset table
 
 
 class XnorConv2d(RuntimeConv):
@@ -32,6 +34,11 @@ class XnorConv2d(RuntimeConv):
         isa: str = "auto",
     ) -> None:
         super().__init__(weight_sign, epilogue, stride, padding, dilation)
+        if self.kernel_size[0] * self.kernel_size[1] > MAX_TAPS:
+            raise RecuError(
+                f"the xnor kernels handle up to {MAX_TAPS} kernel taps, not "
+                f"{self.kernel_size[0]}x{self.kernel_size[1]}; use the int8 engine"
+            )
         ops = ext.ops()  # builds the kernels now (or raises RecuError), not at the first call
         self.isa = isa
         self._isa_code = ext.isa_code(isa)
