@@ -28,7 +28,7 @@ from recu_cli.blocks import (
     sign_friendly_activation,
 )
 from recu_cli.errors import RecuError
-from recu_cli.models import classifier_name
+from recu_cli.models import classifier_name, set_submodule
 
 BASIC_BLOCKS = (timm_resnet.BasicBlock, tv_resnet.BasicBlock, zoo.CifarBasicBlock)
 BOTTLENECKS = (timm_resnet.Bottleneck, tv_resnet.Bottleneck)
@@ -171,12 +171,6 @@ def _decide(model: nn.Module, config: ConvertConfig) -> tuple[dict[str, str], se
     return reasons, binary
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _rewrite_block(block: nn.Module, activation: str) -> nn.Module:
     get = lambda n: getattr(block, n, None)  # noqa: E731 - attribute-or-None
     if isinstance(block, BASIC_BLOCKS):
@@ -220,7 +214,7 @@ def convert_model(
                 continue
             inner = {f"{name}.conv1", f"{name}.conv2", f"{name}.conv3"}
             if inner & binary:
-                _set_submodule(model, name, _rewrite_block(block, config.activation))
+                set_submodule(model, name, _rewrite_block(block, config.activation))
                 report.blocks_rewritten.append(name)
 
     in_bireal = tuple(f"{b}." for b in report.blocks_rewritten)
@@ -235,7 +229,7 @@ def convert_model(
     for name in sorted(binary):
         conv = model.get_submodule(name)
         layer = ReCUConv2d.from_conv(conv, alpha_init=config.alpha_init, **config.layer_kwargs())
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
 
     for name, m in model.named_modules():
         if name in reasons:
@@ -274,7 +268,7 @@ def _replace_feeding_activation(
             current = model.get_submodule(name)
             if not isinstance(current, NONNEG_ACTS):
                 return
-            _set_submodule(model, name, sign_friendly_activation(config.activation, 1))
+            set_submodule(model, name, sign_friendly_activation(config.activation, 1))
             report.activations_replaced.append(
                 {"name": name, "was": type(m).__name__, "now": config.activation}
             )
@@ -291,7 +285,7 @@ def to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, ReCUConv2d):
-            _set_submodule(model, name, BinaryConv2d.from_recu(m))
+            set_submodule(model, name, BinaryConv2d.from_recu(m))
     return model.eval()
 
 

@@ -175,7 +175,7 @@ def _reset_tv_head(model: nn.Module, num_classes: int) -> None:
     head_name = classifier_name(model)
     head = model.get_submodule(head_name)
     if isinstance(head, nn.Linear) and head.out_features != num_classes:
-        _set_submodule(model, head_name, nn.Linear(head.in_features, num_classes))
+        set_submodule(model, head_name, nn.Linear(head.in_features, num_classes))
 
 
 def reset_head(model: nn.Module, spec: ModelSpec, num_classes: int) -> ModelSpec:
@@ -187,7 +187,8 @@ def reset_head(model: nn.Module, spec: ModelSpec, num_classes: int) -> ModelSpec
     return dataclasses.replace(spec, num_classes=num_classes)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted name (model surgery)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -325,9 +326,9 @@ def load_weights(
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing ({_few(missing)})")
+        problems.append(f"{len(missing)} missing ({few(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
     if wrong:
         detail = ", ".join(
             f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]
@@ -345,5 +346,6 @@ def load_weights(
     return dropped
 
 
-def _few(keys: list[str], n: int = 3) -> str:
+def few(keys: list[str], n: int = 3) -> str:
+    """The first n names and an ellipsis: error lines stay one line."""
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")

@@ -23,7 +23,7 @@ from recu_cli import __version__
 from recu_cli.binarize.layers import ReCUConv2d
 from recu_cli.convert import ConvertConfig, binary_layers, convert_model, to_deploy
 from recu_cli.errors import RecuError
-from recu_cli.models import ModelSpec, create_model, is_known
+from recu_cli.models import ModelSpec, create_model, few, is_known
 
 MAGIC = "recu-packed"
 FORMAT_VERSION = 1
@@ -747,9 +747,9 @@ def check_against_recipe(packed: PackedFile, model: nn.Module) -> None:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {_few(missing)}")
+            parts.append(f"missing {few(missing)}")
         if extra:
-            parts.append(f"unexpected {_few(extra)}")
+            parts.append(f"unexpected {few(extra)}")
         raise RecuError(
             f"{path} does not fit the model its recipe builds ({'; '.join(parts)}); "
             "the file was edited or damaged, write it again"
@@ -762,11 +762,6 @@ def check_against_recipe(packed: PackedFile, model: nn.Module) -> None:
                 f"{path}: tensor '{key}' is {info.dtype} {list(info.shape)} but the recipe "
                 f"needs {list(shape)} ({kind}); the file was edited or damaged, write it again"
             )
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(k[:80] for k in keys[:n]) + more
 
 
 def read_tensors(packed: PackedFile, names: list[str] | None = None) -> dict[str, torch.Tensor]:
