@@ -27,6 +27,7 @@ from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.tau import tau_schedule
 from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
 from recu_cli.data import build_data, make_loader
+from recu_cli.devices import pick_device
 from recu_cli.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -270,8 +271,6 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.quiet = quiet
-        from recu_cli.commands.evaluate import pick_device
-
         device = pick_device(cfg.device)
         self.info = init_distributed(device.type)
         if self.info.enabled and device.type == "cuda":

@@ -10,19 +10,8 @@ import typer
 
 from recu_cli.app import app, console, print_json
 from recu_cli.commands.options import Json, NumClasses, Pretrained, Quiet, Weights
+from recu_cli.devices import pick_device
 from recu_cli.errors import RecuError
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as e:
-            raise RecuError(f"bad --device '{device}'; use cpu, cuda or cuda:N") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RecuError("--device cuda given but no CUDA GPU is available; use --device cpu")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @app.command("eval")
