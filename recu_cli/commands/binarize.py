@@ -143,8 +143,8 @@ def binarize(
         )
         cfg = TrainConfig(
             model=model,
-            data=data,
-            weights=str(weights) if weights else None,
+            data=_absolute_if_path(data),
+            weights=str(weights.resolve()) if weights else None,
             pretrained=pretrained,
             num_classes=num_classes,
             epochs=epochs,
@@ -161,7 +161,7 @@ def binarize(
             tau_max=tau_max,
             tau_update=tau_update,
             teacher=teacher,
-            teacher_weights=str(teacher_weights) if teacher_weights else None,
+            teacher_weights=str(teacher_weights.resolve()) if teacher_weights else None,
             kd_weight=kd_weight,
             amp=amp,
             amp_dtype=amp_dtype,
@@ -170,7 +170,7 @@ def binarize(
             seed=seed,
             workers=workers,
             device=device,
-            output=str(output),
+            output=str(output.resolve()),
             experiment=experiment,
             log_interval=log_interval,
             half=half,
@@ -202,3 +202,9 @@ def binarize(
         f"best {result['best_top1']:.2f}%, dead weights {100 * final.get('dead_share', 0):.1f}%; "
         f"packed checkpoints in {result['run_dir']} (inspect: recu analyze {result['last']})"
     )
+
+
+def _absolute_if_path(data: str) -> str:
+    """Folders are stored absolute so `--resume` works from any working directory."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else data
