@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
@@ -477,11 +478,12 @@ class Trainer:
                         exit_code=130,
                     )
         if self.info.enabled:
-            print(
+            line = (
                 f"rank {self.info.rank}/{self.info.world_size}: final weights digest "
-                f"{weights_digest(self.model)}",
-                flush=True,
+                f"{weights_digest(self.model)}\n"
             )
+            sys.stdout.flush()
+            os.write(sys.stdout.fileno(), line.encode())  # one write: ranks share the pipe
         barrier(self.info)
         shutdown(self.info)
         best = max((r["val_top1"] for r in self.history), default=float("nan"))

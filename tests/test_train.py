@@ -135,7 +135,7 @@ def test_two_process_gloo_run_under_torchrun(small_cifar, resnet20_weights, tmp_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d)/2: final weights digest (\w+)", proc.stdout))
-    assert set(digests) == {"0", "1"}
+    assert set(digests) == {"0", "1"}, proc.stdout[-3000:]
     assert digests["0"] == digests["1"]
     run = tmp_path / "ddp"
     rows = list(csv.DictReader((run / "summary.csv").open()))
