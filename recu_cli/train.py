@@ -285,6 +285,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.cfg
+        self.head_reset = False
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         model, spec = create_model(
@@ -299,6 +300,7 @@ class Trainer:
                     "drop --num-classes or fix the data"
                 )
             spec = reset_head(model, spec, n_data)
+            self.head_reset = True
             self.log(f"note: new {n_data}-class classifier for {cfg.data} (initialised at random)")
         if cfg.weights is None and not cfg.pretrained:
             self.log("note: no --weights/--pretrained given: training from random initialisation")
@@ -366,14 +368,22 @@ class Trainer:
             if cfg.weights is None and not cfg.pretrained:
                 self.log("note: --teacher self without pretrained weights: distillation off")
                 return None
+            if self.head_reset:
+                self.log(
+                    "note: --teacher self: the original model has no classifier for these "
+                    "classes: distillation off (pass --teacher MODEL with --teacher-weights)"
+                )
+                return None
             teacher = copy.deepcopy(model)
         else:
-            teacher, _ = create_model(
-                cfg.teacher,
-                num_classes=len(self.data.classes),
-                pretrained=cfg.teacher_weights is None,
-                weights=cfg.teacher_weights,
+            teacher, t_spec = create_model(
+                cfg.teacher, pretrained=cfg.teacher_weights is None, weights=cfg.teacher_weights
             )
+            if t_spec.num_classes != len(self.data.classes):
+                raise RecuError(
+                    f"teacher {cfg.teacher} predicts {t_spec.num_classes} classes but "
+                    f"{cfg.data} has {len(self.data.classes)}; give a teacher trained on this data"
+                )
         teacher.eval().requires_grad_(False)
         return teacher.to(self.device)
 

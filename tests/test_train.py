@@ -211,3 +211,26 @@ def test_demo_data_is_built_in(capsys, tmp_path) -> None:
     result = json.loads(out)
     assert Path(result["last"]).is_file()
     assert result["final"]["val_top1"] >= 0
+
+
+def test_imagenet_model_gets_a_new_head_and_no_self_distillation(
+    capsys, small_cifar, tmp_path
+) -> None:
+    """timm resnet18 (1000 classes) fine-tuned on 10 classes: new head, teacher self is off."""
+    from safetensors.torch import save_file
+
+    from recu_cli.models import create_model
+
+    model, _ = create_model("resnet18")
+    weights = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    args = [
+        "binarize", "resnet18", "--weights", str(weights), "--data", str(small_cifar),
+        "--max-steps", "2", "-b", "16", "-j", "0", "-o", str(tmp_path), "--experiment", "r18",
+    ]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    log = (tmp_path / "r18" / "train.log").read_text()
+    assert "new 10-class classifier" in log and "distillation off" in log
+    cfg = json.loads((tmp_path / "r18" / "config.json").read_text())
+    assert cfg["model"]["num_classes"] == 10 and cfg["model"]["input_size"] == [3, 224, 224]
