@@ -26,14 +26,15 @@ from recu_cli.commands.options import (
 )
 from recu_cli.errors import RecuError
 
-ADVICE = """
-Defaults follow the paper: ReCU (standardization, clamp, tau 0.85 -> 0.99 per epoch), Adam
-lr 1e-3 with cosine, and distillation from the original model (--teacher self). From
-scratch, use the paper's recipe: --opt sgd --lr 0.1 --weight-decay 5e-4 --warmup-epochs 5
---epochs 600 --teacher none. For a SHORT fine-tune of a pretrained model, --plain-sign or
---no-standardize scored higher than the ReCU default in recu's measurements (the
-standardization changes the pretrained signs at step 0): see docs/results.md.
-"""
+ADVICE = (
+    "Defaults follow the paper: ReCU (standardization, clamp, tau 0.85 -> 0.99 per epoch), "
+    "Adam lr 1e-3 with cosine, and distillation from the original model (--teacher self). "
+    "From scratch, use the paper's recipe: --opt sgd --lr 0.1 --weight-decay 5e-4 "
+    "--warmup-epochs 5 --epochs 600 --teacher none. For a SHORT fine-tune of a pretrained "
+    "model, --plain-sign or --no-standardize scored higher than the ReCU default in recu's "
+    "measurements (the standardization changes the pretrained signs at step 0): see "
+    "docs/results.md."
+)
 
 
 @app.command(epilog=ADVICE)
