@@ -9,7 +9,6 @@ the BatchNorm that the engine folds into it, so both sides compute the same thin
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -24,15 +23,12 @@ from recu_cli.runtime.api import Site, binary_sites, to_runtime
 
 def _timer_class() -> type:
     """torch.utils.benchmark, imported without its 'No CUDA runtime' warning on CPU builds."""
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    from recu_cli.runtime.ext import quiet_cpp_extension_log
+
+    with quiet_cpp_extension_log():
         from torch.utils.benchmark import Timer
 
-        return Timer
-    finally:
-        log.setLevel(level)
+    return Timer
 
 
 @dataclass

@@ -8,6 +8,7 @@ tied to the exact torch ABI it was built against.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ import platform
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +64,23 @@ def toolchain_problem() -> str | None:
     return None
 
 
-def _import_cpp_extension() -> Any:
-    """Import torch.utils.cpp_extension without its 'No CUDA runtime' warning on CPU builds."""
+@contextlib.contextmanager
+def quiet_cpp_extension_log() -> Iterator[None]:
+    """Silence torch.utils.cpp_extension's 'No CUDA runtime' warning (CPU builds) on import."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        import torch.utils.cpp_extension as cpp
-
-        return cpp
+        yield
     finally:
         log.setLevel(level)
+
+
+def _import_cpp_extension() -> Any:
+    with quiet_cpp_extension_log():
+        import torch.utils.cpp_extension as cpp
+
+    return cpp
 
 
 def _build() -> Any:
