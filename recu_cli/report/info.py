@@ -148,7 +148,10 @@ def _mb(n: int | None) -> str:
 
 
 def _g(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 1e9:.3f} G"
+    """Giga above 1e8, mega below: a CIFAR model's 0.4 M FLOPs must not print as 0.000 G."""
+    if n is None:
+        return "n/a"
+    return f"{n / 1e9:.3f} G" if n >= 1e8 else f"{n / 1e6:.3f} M"
 
 
 def render_info(console: Console, s: dict[str, Any]) -> None:
