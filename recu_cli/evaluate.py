@@ -21,6 +21,15 @@ class EvalResult:
         return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "images": self.images}
 
 
+def batch_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, float, int]:
+    """Top-1 hits, top-5 hits (top-k for fewer classes), summed cross-entropy, batch size."""
+    logits = logits.float()
+    k = min(5, logits.shape[1])
+    hits = logits.topk(k, dim=1).indices.eq(targets.view(-1, 1))
+    loss = float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), loss, targets.numel()
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -42,14 +51,10 @@ def evaluate(
                 break
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            logits = model(images).float()
-            loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hits = top.eq(targets.view(-1, 1))
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(dim=1).sum())
-            n += targets.numel()
+            c1, c5, batch_loss, batch_n = batch_counts(model(images), targets)
+            correct1, correct5 = correct1 + c1, correct5 + c5
+            loss_sum += batch_loss
+            n += batch_n
             progress.update(task, advance=1, info=f"top-1 {100.0 * correct1 / max(n, 1):.2f}%")
     if n == 0:
         return EvalResult(0.0, 0.0, float("nan"), 0)

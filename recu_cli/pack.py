@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from recu_cli import __version__
+from recu_cli.atomic import atomic_path
 from recu_cli.binarize.layers import ReCUConv2d
 from recu_cli.convert import ConvertConfig, binary_layers, convert_model, to_deploy
 from recu_cli.errors import RecuError
@@ -217,7 +217,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write `path.tmp` in the same folder, fsync it, then rename over `path`."""
+    """Create the folder, then write through `atomic_path` (temp file, fsync, rename)."""
     from safetensors.torch import save_file
 
     try:
@@ -226,28 +226,13 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         raise RecuError(
             f"cannot create folder {path.parent} ({e.strerror}); pick another output path"
         ) from e
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise RecuError(
             f"cannot write {path} ({e.strerror or e}); check space and permissions", exit_code=1
         ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # directory fsync is best effort (not supported everywhere)
 
 
 # ---------------------------------------------------------------- read

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recu_cli.atomic import atomic_path, write_bytes
 from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.tau import tau_schedule
 from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
@@ -39,7 +40,7 @@ from recu_cli.distributed import (
     sync_buffers,
 )
 from recu_cli.errors import RecuError
-from recu_cli.evaluate import EvalResult
+from recu_cli.evaluate import EvalResult, batch_counts
 from recu_cli.models import ModelSpec, create_model, reset_head
 from recu_cli.progress import make_progress
 from recu_cli.sampling import EpochBatchSampler, SeededItems
@@ -144,22 +145,9 @@ def _run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
     return Path(broadcast_object(str(path), info))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -358,7 +346,7 @@ class Trainer:
             self._load_resume()
         elif self.info.is_main:
             payload = {"train": asdict(cfg), "model": spec.to_dict(), "recu_version": _version()}
-            atomic_write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
+            write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
 
     def _teacher(self, model: nn.Module) -> nn.Module | None:
         cfg = self.cfg
@@ -612,13 +600,9 @@ class Trainer:
             if self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
-                logits = self.model(images).float()
-            k = min(5, logits.shape[1])
-            hits = logits.topk(k, dim=1).indices.eq(targets.view(-1, 1))
-            sums[0] += float(hits[:, 0].sum())
-            sums[1] += float(hits.any(dim=1).sum())
-            sums[2] += float(F.cross_entropy(logits, targets, reduction="sum"))
-            sums[3] += targets.numel()
+                logits = self.model(images)
+            for i, value in enumerate(batch_counts(logits, targets)):
+                sums[i] += value
         c1, c5, loss_sum, n = all_reduce_sum(sums, self.info, self.device)
         n = max(n, 1.0)
         return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n, int(n))
@@ -674,7 +658,7 @@ class Trainer:
         writer.writeheader()
         for r in self.history:
             writer.writerow({k: _fmt(r[k]) for k in SUMMARY_FIELDS})
-        atomic_write_bytes(self.run_dir / "summary.csv", buf.getvalue().encode())
+        write_bytes(self.run_dir / "summary.csv", buf.getvalue().encode())
 
 
 class _StopOnSigint:
