@@ -57,7 +57,8 @@ def command(data: Path, runs: Path, variant: str, seed: int, args) -> list[str]:
         sys.executable, "-m", "recu_cli", "binarize", "resnet20",
         "--weights", str(SHARED / "weights" / "resnet20-12fca82f.th"), "--data", str(data),
         "--epochs", str(args.epochs), "-b", "128", "-j", "1", "--seed", str(seed),
-        "-o", str(runs), "--experiment", f"{variant}-s{seed}", "--quiet", *VARIANTS[variant],
+        "-o", str(runs), "--experiment", f"{variant}-s{seed}", "--quiet", "--recipe", "paper",
+        *VARIANTS[variant],
         *args.extra,
     ]  # fmt: skip
 

@@ -2,7 +2,8 @@
 
 Both models are built from the same architecture, take the same batch, use the same
 optimizer and thread count, and are timed in alternating rounds in one process, so the
-ratio is robust to whatever else the machine is doing. Target: <= 1.5x on CPU.
+ratio is robust to whatever else the machine is doing. Target: <= 1.5x on CPU, for the
+paper's layer and for the default (finetune) recipe's layer in both of its stages.
 
     python bench/train_step.py                # resnet20 (32 px, b 128) and resnet18 (224 px, b 16)
     python bench/train_step.py --threads 2 --rounds 7
@@ -17,10 +18,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from recu_cli.convert import convert_model
+from recu_cli.convert import ConvertConfig, binary_layers, convert_model
 from recu_cli.models import create_model
 
 CASES = (("resnet20", 32, 128), ("resnet18", 224, 16))
+FINETUNE = ConvertConfig(activation="prelu", act_threshold="median", tau=0.85)
+# (label, conversion, stage 1?): the paper's layer, and the finetune recipe's in both stages
+VARIANTS = (
+    ("recu paper", ConvertConfig(tau=0.85), False),
+    ("recu finetune stage 1", FINETUNE, True),
+    ("recu finetune stage 2", FINETUNE, False),
+)
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -56,12 +64,16 @@ def main() -> None:
     )
     for name, size, batch in CASES:
         fp, _ = create_model(name, num_classes=10)
-        bnn, _ = create_model(name, num_classes=10)
-        bnn.load_state_dict(fp.state_dict())
-        bnn, _ = convert_model(bnn)
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
-        steps = {"fp32": make_step(fp, x, y), "recu": make_step(bnn, x, y)}
+        steps = {"fp32": make_step(fp, x, y)}
+        for label, config, stage1 in VARIANTS:
+            bnn, _ = create_model(name, num_classes=10)
+            bnn.load_state_dict(fp.state_dict())
+            bnn, _ = convert_model(bnn, config)
+            for _, layer in binary_layers(bnn):
+                layer.binarize_weights = not stage1
+            steps[label] = make_step(bnn, x, y)
         for s in steps.values():  # warm-up
             time_steps(s, 1)
         times: dict[str, list[float]] = {k: [] for k in steps}
@@ -69,13 +81,16 @@ def main() -> None:
             for k, s in steps.items():
                 times[k].append(time_steps(s, args.steps))
         fp_t = statistics.median(times["fp32"])
-        bn_t = statistics.median(times["recu"])
-        ratios = [b / f for b, f in zip(times["recu"], times["fp32"], strict=True)]
-        print(
-            f"{name:9s} {size}px b{batch:<4d} fp32 {1000 * fp_t:8.1f} ms/step  recu "
-            f"{1000 * bn_t:8.1f} ms/step  ratio {bn_t / fp_t:.2f}x "
-            f"(per-round min {min(ratios):.2f}, max {max(ratios):.2f})"
-        )
+        print(f"{name:9s} {size}px b{batch:<4d} fp32 {1000 * fp_t:8.1f} ms/step")
+        for label in steps:
+            if label == "fp32":
+                continue
+            t = statistics.median(times[label])
+            ratios = [b / f for b, f in zip(times[label], times["fp32"], strict=True)]
+            print(
+                f"    {label:22s} {1000 * t:8.1f} ms/step  ratio {t / fp_t:.2f}x "
+                f"(per-round min {min(ratios):.2f}, max {max(ratios):.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from recu_cli.models import classifier_name, set_submodule
 
 BASIC_BLOCKS = (timm_resnet.BasicBlock, tv_resnet.BasicBlock, zoo.CifarBasicBlock)
 BOTTLENECKS = (timm_resnet.Bottleneck, tv_resnet.Bottleneck)
+THRESHOLD_MODES = ("zero", "learned", "median")
 NONNEG_ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Sigmoid)
 
 
@@ -49,6 +50,9 @@ class ConvertConfig:
     clamp: bool = True
     rescale_activations: bool = True
     bireal: bool = True
+    # activation thresholds before each binary conv: "zero" (the paper: sign(x)), or a
+    # learnable sign(x - beta) starting at 0 ("learned") or at the channel median ("median")
+    act_threshold: str = "zero"
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -57,6 +61,8 @@ class ConvertConfig:
             raise RecuError("--alpha-init must be 'pretrained' or 'random'")
         if self.alpha_mode not in ALPHA_MODES:
             raise RecuError(f"--alpha-mode must be one of {', '.join(ALPHA_MODES)}")
+        if self.act_threshold not in THRESHOLD_MODES:
+            raise RecuError(f"--act-threshold must be one of {', '.join(THRESHOLD_MODES)}")
         if not self.b_star > 0:
             raise RecuError(f"--b-star must be positive, got {self.b_star}")
         if not 0.5 < self.tau <= 1.0:
@@ -85,6 +91,7 @@ class ConvertConfig:
             "clamp": self.clamp,
             "alpha_mode": self.alpha_mode,
             "rescale_activations": self.rescale_activations,
+            "act_threshold": self.act_threshold != "zero",
         }
 
 

@@ -26,7 +26,7 @@ from recu_cli.errors import RecuError
 from recu_cli.models import ModelSpec, create_model, few, is_known
 
 MAGIC = "recu-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional <layer>.act_threshold tensors (version 1 files still load)
 BITS_SUFFIX = ".weight_bits"
 LATENT_SUFFIX = ".weight"
 PLAIN_FORMATS = ("pt", "tf", "flax", "np", "mlx", "paddle")  # what other writers put there
@@ -170,6 +170,8 @@ def save(
             tensors[f"{name}.alpha"] = _stored(layer.effective_alpha(), half)
             if layer.bias is not None:
                 tensors[f"{name}.bias"] = _stored(layer.bias, half)
+            if layer.act_threshold is not None:  # fp32 always: it decides signs exactly
+                tensors[f"{name}.act_threshold"] = _stored(layer.act_threshold, False)
             if keep_latent:
                 weight = layer.weight.detach().float().cpu()
                 tensors[name + LATENT_SUFFIX] = weight.contiguous().clone()
@@ -485,6 +487,7 @@ _RECIPE_TYPES: dict[str, tuple[type, ...]] = {
     "clamp": (bool,),
     "rescale_activations": (bool,),
     "bireal": (bool,),
+    "act_threshold": (str,),
 }
 
 
@@ -577,6 +580,8 @@ _STAT_NUMBERS = (
     "qe_closed_paper",
     "laplace_entropy_bits",
     "alpha_mean",
+    "act_threshold_abs_mean",
+    "act_threshold_abs_max",
 )
 
 
@@ -699,6 +704,8 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
         out[f"{name}.alpha"] = ("float", tuple(m.alpha.shape))
         if m.bias is not None:
             out[f"{name}.bias"] = ("float", tuple(m.bias.shape))
+        if m.act_threshold is not None:
+            out[f"{name}.act_threshold"] = ("float", tuple(m.act_threshold.shape))
     for key, value in model.state_dict().items():
         if key.rpartition(".")[0] not in owners:
             out[key] = ("float" if value.is_floating_point() else "int", tuple(value.shape))

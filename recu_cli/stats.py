@@ -155,6 +155,14 @@ def _finite(x: float) -> float | None:
 
 
 @torch.no_grad()
+def threshold_stats(beta: torch.Tensor | None) -> dict[str, float | None]:
+    """Mean and largest |beta| of the activation thresholds (None without thresholds)."""
+    if beta is None:
+        return {"act_threshold_abs_mean": None, "act_threshold_abs_max": None}
+    a = beta.detach().double().abs()
+    return {"act_threshold_abs_mean": float(a.mean()), "act_threshold_abs_max": float(a.max())}
+
+
 def layer_stats(layer: ReCUConv2d) -> dict[str, Any]:
     """Every section-2 statistic of one binary layer, as JSON-ready numbers.
 
@@ -190,6 +198,7 @@ def layer_stats(layer: ReCUConv2d) -> dict[str, Any]:
         "qe_closed_paper": qe_closed_form_paper(b_hat, tau),
         "laplace_entropy_bits": laplace_entropy_nats(b_hat, tau) / LN2 if has_b else None,
         "alpha_mean": float(layer.effective_alpha().detach().double().mean()),
+        **threshold_stats(layer.act_threshold),
         "hist": histogram(w1, q),
     }
 

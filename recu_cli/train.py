@@ -30,6 +30,7 @@ from recu_cli.binarize.tau import tau_schedule
 from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
 from recu_cli.data import build_data, make_loader
 from recu_cli.devices import pick_device
+from recu_cli.distill import FeatureTap, attention_loss, distillation_loss, feature_points
 from recu_cli.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -47,7 +48,7 @@ from recu_cli.sampling import EpochBatchSampler, SeededItems
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SUMMARY_FIELDS = [
-    "epoch", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
+    "epoch", "stage", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
     "flip_rate", "flip_rate_tail", "flip_rate_core", "seconds", "img_per_s",
 ]  # fmt: skip
 
@@ -91,6 +92,15 @@ class TrainConfig:
     half: bool = False
     keep_latent: bool = False
     convert: dict[str, Any] = field(default_factory=dict)
+    # the recipe's levers (defaults here = the paper's single-stage recipe; see recipes.py)
+    recipe: str = "paper"
+    stage1_epochs: int = 0
+    feature_kd: float = 0.0
+    other_lr_scale: float = 1.0
+    other_weight_decay: float | None = None
+    bn_recalib: int = 0
+    calib_images: int = 256
+    step0_eval: bool = True
 
     def validate(self) -> None:
         if self.opt not in OPTIMIZERS:
@@ -109,6 +119,21 @@ class TrainConfig:
             raise RecuError("--amp-dtype must be bf16 or fp16")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise RecuError("--kd-weight must be in [0, 1]")
+        if not 0 <= self.stage1_epochs < self.epochs:
+            raise RecuError(
+                f"--stage1-epochs must be at least 0 and less than --epochs ({self.epochs}), "
+                f"got {self.stage1_epochs}: stage 2 (binary weights) needs at least one epoch"
+            )
+        if not (self.feature_kd >= 0 and math.isfinite(self.feature_kd)):
+            raise RecuError(f"--feature-kd must be a number >= 0, got {self.feature_kd}")
+        if not (self.other_lr_scale > 0 and math.isfinite(self.other_lr_scale)):
+            raise RecuError(f"--other-lr-scale must be positive, got {self.other_lr_scale}")
+        if self.other_weight_decay is not None and not self.other_weight_decay >= 0:
+            raise RecuError(f"--other-weight-decay must be >= 0, got {self.other_weight_decay}")
+        if self.bn_recalib < 0 or self.calib_images < 1:
+            raise RecuError("--bn-recalib must be >= 0 and --calib-images at least 1")
+        if self.feature_kd > 0 and self.teacher == "none":
+            raise RecuError("--feature-kd needs a teacher; drop --teacher none or set it to 0")
         ConvertConfig.from_dict(self.convert)
 
     @property
@@ -150,23 +175,43 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights (latent binary weights included) only; never on
-    BN, biases, alpha, tau or PReLU slopes, which decay would pull away from their scale."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    other_lr_scale: float = 1.0,
+    other_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Three groups, because a BNN's parameters want different treatment:
+    latent binary weights (lr, weight_decay: only their signs matter, so decay only moves
+    them toward flipping), full-precision conv/linear weights (lr * other_lr_scale,
+    other_weight_decay, default weight_decay), and everything else: BatchNorm, biases,
+    alpha, thresholds, PReLU slopes (lr * other_lr_scale, never decayed: decay would pull
+    them away from their scale). Group 0 is always the latent binary weights."""
+    latent = {id(m.weight) for _, m in binary_layers(model)}
+    binary, fp_weights, rest = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_weight = name.endswith("weight") and p.ndim > 1
-        (decay if is_weight else no_decay).append(p)
+        if id(p) in latent:
+            binary.append(p)
+        elif name.endswith("weight") and p.ndim > 1:
+            fp_weights.append(p)
+        else:
+            rest.append(p)
+    other_lr = lr * other_lr_scale
+    fp_decay = weight_decay if other_weight_decay is None else other_weight_decay
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": binary, "lr": lr, "weight_decay": weight_decay},
+        {"params": fp_weights, "lr": other_lr, "weight_decay": fp_decay},
+        {"params": rest, "lr": other_lr, "weight_decay": 0.0},
     ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(
+        model, cfg.base_lr, cfg.weight_decay, cfg.other_lr_scale, cfg.other_weight_decay
+    )
     if cfg.opt == "sgd":
         return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True)
     if cfg.opt == "adamw":
@@ -174,13 +219,29 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(groups, lr=cfg.base_lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """timm's cosine schedule with linear warm-up, stepped per update."""
+def stage_bounds(cfg: TrainConfig, stage: int) -> tuple[int, int]:
+    """[first, end) epochs of a stage: stage 1 = binary activations with real weights (only
+    with --stage1-epochs), stage 2 = binary weights too (the whole run with one stage)."""
+    if stage == 1:
+        return 0, cfg.stage1_epochs
+    return cfg.stage1_epochs, cfg.epochs
+
+
+def stage_of(cfg: TrainConfig, epoch: int) -> int:
+    return 1 if epoch < cfg.stage1_epochs else 2
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, stage: int = 2
+):
+    """timm's cosine schedule with linear warm-up, stepped per update, over one stage (each
+    stage of a two-stage run gets its own warm-up and cosine, as in ReActNet)."""
     from timm.scheduler import CosineLRScheduler
 
-    total = cfg.epochs * steps_per_epoch
+    first, end = stage_bounds(cfg, stage)
+    total = (end - first) * steps_per_epoch
     if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+        total = max(1, min(total, cfg.max_steps - first * steps_per_epoch))
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     return CosineLRScheduler(
         optimizer,
@@ -191,12 +252,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         warmup_prefix=True,
         t_in_epochs=False,
     )
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
-    """Cross-entropy against the teacher's soft labels (ReActNet's distributional loss)."""
-    soft = F.softmax(teacher.float() / t, dim=1)
-    return -(soft * F.log_softmax(student.float() / t, dim=1)).sum(dim=1).mean() * (t * t)
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -293,6 +348,7 @@ class Trainer:
         if cfg.weights is None and not cfg.pretrained:
             self.log("note: no --weights/--pretrained given: training from random initialisation")
         self.spec: ModelSpec = spec
+        original = copy.deepcopy(model) if cfg.step0_eval and not self.resuming else None
         self.teacher = self._teacher(model)
         self.convert_config = ConvertConfig.from_dict(cfg.convert)
         model, self.report = convert_model(model, self.convert_config)
@@ -330,10 +386,15 @@ class Trainer:
         self.val_loader = make_loader(val, max(cfg.batch_size, 64), cfg.workers)
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.amp_enabled = cfg.amp and self.device.type == "cuda"
+        cpu_bf16 = self.device.type == "cpu" and cfg.amp_dtype == "bf16"
+        self.amp_enabled = cfg.amp and (self.device.type == "cuda" or cpu_bf16)
         if cfg.amp and not self.amp_enabled:
-            self.log("note: --amp applies to CUDA only; training in fp32 on the CPU")
+            self.log("note: --amp fp16 applies to CUDA only; training in fp32 on the CPU")
+        elif self.amp_enabled and cpu_bf16:
+            self.log(
+                "note: --amp on the CPU runs bf16 autocast (the code path of CUDA bf16); "
+                "most CPUs train faster in fp32"
+            )
         self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_enabled and self.amp_dtype == torch.float16
@@ -342,11 +403,73 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.flips = FlipTracker()
         self.epoch_loss = [0.0, 0.0]  # sum, count of this epoch's training loss
+        self.features = self._feature_taps()
+        self.step0: dict[str, Any] | None = None
         if self.resuming:
             self._load_resume()
-        elif self.info.is_main:
-            payload = {"train": asdict(cfg), "model": spec.to_dict(), "recu_version": _version()}
-            write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
+        else:
+            if self.info.is_main:
+                payload = {
+                    "train": asdict(cfg), "model": spec.to_dict(), "recu_version": _version()
+                }  # fmt: skip
+                write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
+            with torch.random.fork_rng(devices=[]):  # leaves the training RNG stream as it was
+                self.step0 = self._start_model(original)
+        del original
+        self._enter_stage(stage_of(cfg, self.pos.epoch), switching=False)
+
+    # ---------------------------------------------------------------- recipe parts
+    def _start_model(self, original: nn.Module | None) -> dict[str, Any]:
+        """Step 0: calibrate the thresholds on training images (eval transforms) and measure
+        what conversion lost: val top-1 of the original and of the converted model, and the
+        share of one-sided binary-conv input channels, before and after calibration."""
+        from recu_cli.calibrate import calibrate_thresholds, one_sided_share, sign_balance
+
+        cfg = self.cfg
+        images = calibration_images(self.data, cfg.calib_images, cfg.seed).to(self.device)
+        step0: dict[str, Any] = {}
+        if original is not None:
+            step0["fp_top1"] = self._validate(original.to(self.device)).top1
+        before = {"one_sided_share": one_sided_share(sign_balance(self.model, images))}
+        if cfg.step0_eval:
+            before["top1"] = self._validate().top1
+        step0["before"] = before
+        if self.convert_config.act_threshold == "median":
+            calibrate_thresholds(self.model, images)
+            after = {"one_sided_share": one_sided_share(sign_balance(self.model, images))}
+            if cfg.step0_eval:
+                after["top1"] = self._validate().top1
+            step0["after"] = after
+        self.log("step 0: " + describe_step0(step0))
+        return step0
+
+    def _feature_taps(self) -> tuple[FeatureTap, FeatureTap] | None:
+        if not self.cfg.feature_kd or self.teacher is None:
+            return None
+        points = feature_points(self.model, self.teacher)
+        if not points:
+            raise RecuError(
+                f"--feature-kd: {self.cfg.model} and its teacher share no stage to match "
+                "(they need ResNet stages of the same names); set --feature-kd 0"
+            )
+        return FeatureTap(self.model, points), FeatureTap(self.teacher, points)
+
+    def _enter_stage(self, stage: int, switching: bool) -> None:
+        """Stage 1 trains real centred weights behind binary activations; stage 2 binarizes
+        the weights too. Switching: alpha starts at mean |W0| (so alpha * sign(W0) continues
+        stage 1's W0) and Adam's moments restart, as the loss surface changes."""
+        self.stage = stage
+        for _, layer in binary_layers(self.model):
+            layer.binarize_weights = stage == 2
+        if switching:
+            for _, layer in binary_layers(self.model):
+                layer.reset_alpha_from_latent()
+            self.optimizer.state.clear()
+            self.log(f"stage 2 from epoch {self.pos.epoch + 1}: binary weights (ReCU)")
+        first, _ = stage_bounds(self.cfg, stage)
+        self.stage_start_step = first * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.steps_per_epoch, stage)
+        self.scheduler.step_update(self.pos.global_step - self.stage_start_step)
 
     def _teacher(self, model: nn.Module) -> nn.Module | None:
         cfg = self.cfg
@@ -388,9 +511,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def tau_at(self, epoch: int, step: int) -> float:
+        """ReCU's schedule spans stage 2 (the whole run when there is one stage)."""
         cfg = self.cfg
-        e = epoch + (step / self.steps_per_epoch if cfg.tau_update == "step" else 0.0)
-        return tau_schedule(e, cfg.epochs, cfg.tau_min, cfg.tau_max)
+        first, end = stage_bounds(cfg, 2)
+        e = max(0, epoch - first)
+        e += step / self.steps_per_epoch if cfg.tau_update == "step" else 0.0
+        return tau_schedule(e, end - first, cfg.tau_min, cfg.tau_max)
 
     def _resume_state(self) -> dict[str, Any]:
         return {
@@ -403,6 +529,7 @@ class Trainer:
             "flips": self.flips.state(),
             "rng_torch": torch.get_rng_state(),
             "rng_python": json.dumps(random.getstate()),
+            "step0": json.dumps(self.step0),
         }
 
     def save_resume(self) -> None:
@@ -425,6 +552,7 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.epoch_loss = state["epoch_loss"].tolist()
         self.flips.load(state["flips"])
+        self.step0 = json.loads(state["step0"]) if "step0" in state else None
         torch.set_rng_state(state["rng_torch"].cpu())
         py = json.loads(state["rng_python"])
         random.setstate((py[0], tuple(py[1]), py[2]))
@@ -484,14 +612,16 @@ class Trainer:
             os.write(sys.stdout.fileno(), line.encode())  # one write: ranks share the pipe
         barrier(self.info)
         shutdown(self.info)
-        best = max((r["val_top1"] for r in self.history), default=float("nan"))
+        binary_rows = [r for r in self.history if r.get("stage", 2) == 2]
+        best = max((r["val_top1"] for r in binary_rows), default=float("nan"))
         return {
             "run_dir": str(self.run_dir),
             "epochs": len(self.history),
             "final": self.history[-1] if self.history else None,
             "best_top1": best,
-            "last": str(self.run_dir / "last.safetensors"),
-            "best": str(self.run_dir / "best.safetensors"),
+            "last": _if_exists(self.run_dir / "last.safetensors"),
+            "best": _if_exists(self.run_dir / "best.safetensors"),
+            "step0": self.step0,
         }
 
     def _max_steps_reached(self) -> bool:
@@ -501,6 +631,8 @@ class Trainer:
         """One epoch from the current position; False when a Ctrl-C asked to stop."""
         cfg, pos = self.cfg, self.pos
         epoch = pos.epoch
+        if pos.step_in_epoch == 0 and epoch == cfg.stage1_epochs > 0:
+            self._enter_stage(2, switching=True)
         if pos.step_in_epoch == 0:
             set_tau(self.model, self.tau_at(epoch, 0))
             self.flips.snapshot(self.model)
@@ -510,7 +642,9 @@ class Trainer:
         start = time.perf_counter()
         images_seen = 0
         task = self.progress.add_task(
-            f"epoch {epoch + 1}/{cfg.epochs}", total=self.steps_per_epoch, info=""
+            f"epoch {epoch + 1}/{cfg.epochs}" + (" (stage 1)" if self.stage == 1 else ""),
+            total=self.steps_per_epoch,
+            info="",
         )
         self.progress.update(task, completed=pos.step_in_epoch)
         batches = iter(self.train_loader)
@@ -534,7 +668,7 @@ class Trainer:
             images_seen += images.shape[0]
             pos.step_in_epoch += 1
             pos.global_step += 1
-            self.scheduler.step_update(pos.global_step)
+            self.scheduler.step_update(pos.global_step - self.stage_start_step)
             self.epoch_loss[0] += loss * images.shape[0]
             self.epoch_loss[1] += images.shape[0]
             rate = images_seen * self.info.world_size / (time.perf_counter() - start)
@@ -571,6 +705,10 @@ class Trainer:
                     soft = self.teacher(images)
                 kd = distillation_loss(logits, soft, cfg.kd_temperature)
                 loss = (1.0 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+            if self.features is not None:
+                student_tap, teacher_tap = self.features
+                at = attention_loss(student_tap.take(), teacher_tap.take())
+                loss = loss + cfg.feature_kd * at
         value = float(loss.detach())
         flag = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], self.info, self.device)
         if flag[0] > 0:
@@ -591,8 +729,10 @@ class Trainer:
         return value
 
     @torch.no_grad()
-    def _validate(self) -> EvalResult:
-        self.model.eval()
+    def _validate(self, model: nn.Module | None = None) -> EvalResult:
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
         sums = [0.0, 0.0, 0.0, 0.0]  # correct1, correct5, loss_sum, n
         for images, targets in self.val_loader:
             images = images.to(self.device, non_blocking=True)
@@ -600,9 +740,10 @@ class Trainer:
             if self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
-                logits = self.model(images)
+                logits = model(images)
             for i, value in enumerate(batch_counts(logits, targets)):
                 sums[i] += value
+        model.train(was_training)
         c1, c5, loss_sum, n = all_reduce_sum(sums, self.info, self.device)
         n = max(n, 1.0)
         return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n, int(n))
@@ -610,12 +751,16 @@ class Trainer:
     def _end_epoch(self, epoch: int, seconds: float, images_seen: int) -> None:
         from recu_cli.stats import dead_weight_share
 
+        last = self.pos.epoch + 1 == self.cfg.epochs
+        if last and self.cfg.bn_recalib:
+            self._reestimate_batchnorm()
         sync_buffers(self.model, self.info)
         val = self._validate()
         loss_sum, count = all_reduce_sum(self.epoch_loss, self.info, self.device)
         flips = self.flips.rates(self.model)
         row = {
             "epoch": epoch + 1,
+            "stage": self.stage,
             "lr": self._lr(),
             "tau": float(binary_layers(self.model)[0][1].tau),
             "train_loss": loss_sum / max(count, 1.0),
@@ -630,12 +775,14 @@ class Trainer:
         self.history.append(row)
         self.pos.epoch += 1
         self.pos.step_in_epoch = 0
-        is_best = val.top1 > self.pos.best_top1
+        binary = self.stage == 2  # a stage-1 model has real weights: nothing to pack yet
+        is_best = binary and val.top1 > self.pos.best_top1
         if is_best:
             self.pos.best_top1 = val.top1
         if self.info.is_main:
             self._write_summary()
-            self._save_checkpoint("last", row)
+            if binary:
+                self._save_checkpoint("last", row)
             if is_best:
                 self._save_checkpoint("best", row)
         self.save_resume()
@@ -648,7 +795,18 @@ class Trainer:
             f"core {100 * flips['flip_rate_core']:.2f}%)"
             f"  {row['seconds']:.0f}s {row['img_per_s']:.0f} img/s"
             + ("  *best*" if is_best else "")
+            + ("  (stage 1: real weights, no packed checkpoint yet)" if not binary else "")
         )
+
+    def _reestimate_batchnorm(self) -> None:
+        """BatchNorm statistics recomputed on training images with the final weights."""
+        from recu_cli.calibrate import image_batches, reestimate_batchnorm
+
+        self.sampler.set_epoch(self.cfg.epochs, 0)
+        with torch.random.fork_rng(devices=[]):
+            batches = image_batches(self.train_loader, self.cfg.bn_recalib)
+            used = reestimate_batchnorm(self.model, batches, self.device)
+        self.log(f"BatchNorm statistics re-estimated on {used} training batches")
 
     def _write_summary(self) -> None:
         import io
@@ -687,6 +845,36 @@ class _StopOnSigint:
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _if_exists(path: Path) -> str | None:
+    """A checkpoint path, or None when the run ended in stage 1 (nothing binary to pack)."""
+    return str(path) if path.is_file() else None
+
+
+def calibration_images(data, n: int, seed: int) -> torch.Tensor:
+    """n training images (seeded choice) through the validation transforms: calibration
+    should see the data as the deployed model will, without augmentation."""
+    train = data.train
+    view = copy.copy(train)
+    if hasattr(view, "transform") and hasattr(data.val, "transform"):
+        view.transform = data.val.transform
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(view), generator=gen)[: min(n, len(view))].tolist()
+    return torch.stack([view[i][0] for i in picks])
+
+
+def describe_step0(step0: dict[str, Any]) -> str:
+    """One line: what conversion kept, before any training step."""
+    parts = []
+    if "fp_top1" in step0:
+        parts.append(f"full precision {step0['fp_top1']:.2f}%")
+    for key, label in (("before", "converted"), ("after", "after calibration")):
+        d = step0.get(key)
+        if d:
+            acc = f" {d['top1']:.2f}%" if "top1" in d else ""
+            parts.append(f"{label}{acc} ({100 * d['one_sided_share']:.1f}% one-sided channels)")
+    return ", ".join(parts)
 
 
 def _fmt(v: Any) -> Any:

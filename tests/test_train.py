@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from recu_cli.train import SUMMARY_FIELDS, TrainConfig, Trainer, TrainingStopped
 from tests.test_cli_models import assert_one_line_error, run_cli
 
-RUN_ARGS = ["--epochs", "2", "-b", "16", "--log-interval", "1", "--seed", "7", "-j", "0"]
+RUN_ARGS = [
+    "--recipe", "paper", "--epochs", "2", "-b", "16", "--log-interval", "1", "--seed", "7", "-j", "0",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +206,7 @@ def test_resume_of_a_folder_that_is_no_run(capsys, tmp_path) -> None:
 def test_demo_data_is_built_in(capsys, tmp_path) -> None:
     code, out, _ = run_cli(
         ["binarize", "resnet20", "--data", "demo", "--max-steps", "2", "-b", "32", "-j", "0",
+         "--recipe", "paper",
          "-o", str(tmp_path), "--experiment", "demo", "--json"],
         capsys,
     )  # fmt: skip

@@ -96,6 +96,12 @@ class ReCUConv2d(nn.Conv2d):
       alpha_mode: "learned" per-channel scale (authors' code) or "analytic" E|ReCU(W)|
         per output channel (the paper's text).
       rescale_activations: training-time per-sample A / std(A) before sign.
+      act_threshold: a learnable per-input-channel threshold beta before the sign,
+        sign(x - beta) (ReActNet's RSign); off (beta = 0) reproduces the paper.
+
+    `binarize_weights` (an attribute, set by the trainer's two-stage recipe) switches the
+    weight path: False runs the conv with the real, centred latent weights W - mean(W)
+    (stage 1: binary activations only), True with ReCU's binary weights (stage 2).
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class ReCUConv2d(nn.Conv2d):
         clamp: bool = True,
         alpha_mode: AlphaMode = "learned",
         rescale_activations: bool = True,
+        act_threshold: bool = False,
     ) -> None:
         if padding_mode != "zeros":
             raise ValueError("ReCUConv2d supports zero padding only (the bit runtime assumes it)")
@@ -141,7 +148,12 @@ class ReCUConv2d(nn.Conv2d):
         self.clamp = bool(clamp)
         self.alpha_mode: AlphaMode = alpha_mode
         self.rescale_activations = bool(rescale_activations)
+        self.binarize_weights = True
         self.register_buffer("tau", torch.tensor(float(tau), device=device))
+        if act_threshold:
+            self.act_threshold = nn.Parameter(torch.zeros(in_channels, device=device))
+        else:
+            self.register_parameter("act_threshold", None)
         alpha = torch.rand(out_channels, 1, 1, device=device)  # reference init: U[0, 1)
         if alpha_mode == "learned":
             self.alpha = nn.Parameter(alpha)
@@ -180,6 +192,21 @@ class ReCUConv2d(nn.Conv2d):
     def set_tau(self, tau: float) -> None:
         self.tau.fill_(float(tau))
 
+    @torch.no_grad()
+    def reset_alpha_from_latent(self) -> None:
+        """alpha = mean |W - mean(W)| per output channel: the least-squares scale of sign(W0).
+
+        Called when stage 2 starts, so that alpha * sign(W0) continues stage 1's W0.
+        """
+        w0 = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        self.alpha.copy_(w0.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1).to(self.alpha.dtype))
+
+    def shifted_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x - beta per input channel (the RSign threshold), or x when there is none."""
+        if self.act_threshold is None:
+            return x
+        return x - self.act_threshold.view(1, -1, 1, 1).to(x.dtype)
+
     @property
     def gain(self) -> float:
         """sqrt(2) * b_star: the std of a Laplace(0, b_star)."""
@@ -215,6 +242,16 @@ class ReCUConv2d(nn.Conv2d):
         return alpha
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        xb = activation_sign(
+            self.shifted_input(x), rescale=self.training and self.rescale_activations
+        )
+        if not self.binarize_weights:  # stage 1: real centred weights, no alpha
+            w0 = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+            out = F.conv2d(xb, w0.to(xb.dtype), None, self.stride, self.padding, self.dilation,
+                           self.groups)  # fmt: skip
+            if self.bias is not None:
+                out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
+            return out
         if self.alpha_mode == "learned":
             wb = _ReCUWeightSign.apply(
                 self.weight, self.tau, self.gain, self.standardize, self.clamp
@@ -223,7 +260,6 @@ class ReCUConv2d(nn.Conv2d):
         else:  # the analytic alpha needs W2 itself, with its own gradient
             w2 = self.quantize().w2
             wb, alpha = weight_sign_ste(w2), self.effective_alpha(w2)
-        xb = activation_sign(x, rescale=self.training and self.rescale_activations)
         out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
         out = out * alpha
         if self.bias is not None:
@@ -234,7 +270,7 @@ class ReCUConv2d(nn.Conv2d):
         return (
             super().extra_repr()
             + f", b_star={self.b_star}, standardize={self.standardize}, clamp={self.clamp}, "
-            f"alpha_mode={self.alpha_mode}"
+            f"alpha_mode={self.alpha_mode}, act_threshold={self.act_threshold is not None}"
         )
 
 
@@ -255,6 +291,7 @@ class BinaryConv2d(nn.Module):
         dilation: tuple[int, int] = (1, 1),
         groups: int = 1,
         bias: bool = False,
+        act_threshold: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -268,6 +305,7 @@ class BinaryConv2d(nn.Module):
         self.register_buffer("weight_sign", torch.ones(out_channels, in_channels // groups, kh, kw))
         self.register_buffer("alpha", torch.ones(out_channels, 1, 1))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self.register_buffer("act_threshold", torch.zeros(in_channels) if act_threshold else None)
 
     @classmethod
     def from_recu(cls, layer: ReCUConv2d) -> BinaryConv2d:
@@ -283,9 +321,12 @@ class BinaryConv2d(nn.Module):
             layer.dilation,
             layer.groups,
             layer.bias is not None,
+            layer.act_threshold is not None,
         )
         with torch.no_grad():
             out.weight_sign.copy_(layer.binary_weight())
+            if layer.act_threshold is not None:
+                out.act_threshold.copy_(layer.act_threshold)
             out.alpha.copy_(layer.effective_alpha())
             if layer.bias is not None:
                 out.bias.copy_(layer.bias)
@@ -294,9 +335,15 @@ class BinaryConv2d(nn.Module):
     def binary_weight(self) -> torch.Tensor:
         return self.weight_sign
 
+    def shifted_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x - beta per input channel; sign_pos of it is +1 exactly where x >= beta."""
+        if self.act_threshold is None:
+            return x
+        return x - self.act_threshold.view(1, -1, 1, 1).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         out = F.conv2d(
-            sign_pos(x),
+            sign_pos(self.shifted_input(x)),
             self.weight_sign.to(x.dtype),
             None,
             self.stride,

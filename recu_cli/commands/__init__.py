@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-COMMAND_MODULES = ("convert", "evaluate", "binarize", "analyze", "info", "bench")
+COMMAND_MODULES = ("convert", "evaluate", "binarize", "analyze", "info", "bench", "export")
 
 
 def register_all() -> None:

@@ -25,15 +25,13 @@ from recu_cli.commands.options import (
     convert_config,
 )
 from recu_cli.errors import RecuError
+from recu_cli.recipes import DEFAULT_RECIPE, RECIPE_HELP
 
 ADVICE = (
-    "Defaults follow the paper: ReCU (standardization, clamp, tau 0.85 -> 0.99 per epoch), "
-    "Adam lr 1e-3 with cosine, and distillation from the original model (--teacher self). "
-    "From scratch, use the paper's recipe: --opt sgd --lr 0.1 --weight-decay 5e-4 "
-    "--warmup-epochs 5 --epochs 600 --teacher none. For a SHORT fine-tune of a pretrained "
-    "model, --plain-sign or --no-standardize scored higher than the ReCU default in recu's "
-    "measurements (the standardization changes the pretrained signs at step 0): see "
-    "docs/results.md."
+    RECIPE_HELP + " Both use ReCU's weight path (standardization, clamp, tau 0.85 -> 0.99 "
+    "over the binary-weight stage) and Adam with cosine. From scratch, use the paper's "
+    "schedule: --recipe paper --opt sgd --lr 0.1 --weight-decay 5e-4 --warmup-epochs 5 "
+    "--epochs 600 --teacher none. Measurements: docs/results.md."
 )
 
 
@@ -51,18 +49,49 @@ def binarize(
     weights: Weights = None,
     pretrained: Pretrained = False,
     num_classes: NumClasses = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 6,
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="'finetune' (short fine-tune) or 'paper'.")
+    ] = DEFAULT_RECIPE,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs in total.")] = 6,
+    stage1_epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--stage1-epochs",
+            min=0,
+            help="Epochs of stage 1 (binary activations, real weights) before ReCU's binary "
+            "weights; 0 = one stage (finetune: half of --epochs, paper: 0).",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 128,
     opt: Annotated[str, typer.Option("--opt", help="sgd, adam or adamw.")] = "adam",
     lr: Annotated[
         float | None,
         typer.Option(
-            "--lr", help="Peak learning rate (default: 1e-3 for adam/adamw, 0.1 for sgd)."
+            "--lr",
+            help="Peak learning rate of the latent binary weights (finetune: 2e-3; paper: "
+            "1e-3 for adam/adamw, 0.1 for sgd).",
+        ),
+    ] = None,
+    other_lr_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--other-lr-scale",
+            help="lr of everything else (BN, alpha, thresholds, PReLU, full-precision "
+            "layers) = --lr times this.",
+        ),
+    ] = None,
+    other_weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            "--other-weight-decay",
+            min=0.0,
+            help="Weight decay of full-precision conv/linear weights (default: --weight-decay).",
         ),
     ] = None,
     momentum: Annotated[float, typer.Option("--momentum")] = 0.9,
     weight_decay: Annotated[
-        float, typer.Option("--weight-decay", min=0.0, help="On conv/linear weights only.")
+        float,
+        typer.Option("--weight-decay", min=0.0, help="On latent binary weights (and fp weights)."),
     ] = 0.0,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", min=0.0)] = 0.0,
     warmup_lr: Annotated[float, typer.Option("--warmup-lr", min=0.0)] = 1e-6,
@@ -90,8 +119,42 @@ def binarize(
         float,
         typer.Option("--kd-weight", help="Share of the distillation loss (1 = distillation only)."),
     ] = 1.0,
+    feature_kd: Annotated[
+        float | None,
+        typer.Option(
+            "--feature-kd",
+            help="Weight of the attention-map loss on block outputs of the teacher "
+            "(finetune: 3, paper: 0).",
+        ),
+    ] = None,
+    act_threshold: Annotated[
+        str | None,
+        typer.Option(
+            "--act-threshold",
+            help="Threshold before each sign: zero (paper), learned (from 0), median "
+            "(learned, calibrated on training images; finetune).",
+        ),
+    ] = None,
+    calib_images: Annotated[
+        int, typer.Option("--calib-images", min=1, help="Training images for calibration.")
+    ] = 256,
+    bn_recalib: Annotated[
+        int | None,
+        typer.Option(
+            "--bn-recalib",
+            min=0,
+            help="Re-estimate BatchNorm statistics on N training batches after the last step.",
+        ),
+    ] = None,
+    step0_eval: Annotated[
+        bool,
+        typer.Option(
+            "--step0-eval/--no-step0-eval",
+            help="Validate the original and the converted model before training.",
+        ),
+    ] = True,
     keep: Keep = None,
-    act: Activation = "hardtanh",
+    act: Activation = None,
     b_star: BStar = 2.0,
     alpha_init: AlphaInit = "pretrained",
     alpha_mode: AlphaMode = "learned",
@@ -140,10 +203,35 @@ def binarize(
     else:
         if model is None or data is None:
             raise RecuError("give MODEL and --data DIR (or --resume RUN_DIR)")
+        if data == "demo" and model == "resnet20" and weights is None and not pretrained:
+            from recu_cli.demo import DEMO_WEIGHTS
+
+            weights = DEMO_WEIGHTS  # the demo binarizes a pretrained network, as recu is for
+        from recu_cli.recipes import recipe_settings
+
+        settings = recipe_settings(recipe, epochs)
+        recipe_conv = settings.pop("convert")
         conv = convert_config(
-            keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau_min
+            keep,
+            act or recipe_conv.get("activation", "hardtanh"),
+            b_star,
+            alpha_init,
+            alpha_mode,
+            no_standardize,
+            plain_sign,
+            tau_min,
+            act_threshold or recipe_conv.get("act_threshold", "zero"),
         )
+        given = {
+            "lr": lr,
+            "stage1_epochs": stage1_epochs,
+            "feature_kd": feature_kd,
+            "other_lr_scale": other_lr_scale,
+            "bn_recalib": bn_recalib,
+        }
+        settings.update({k: v for k, v in given.items() if v is not None})
         cfg = TrainConfig(
+            **settings,
             model=model,
             data=_absolute_if_path(data),
             weights=str(weights.resolve()) if weights else None,
@@ -152,7 +240,6 @@ def binarize(
             epochs=epochs,
             batch_size=batch_size,
             opt=opt,
-            lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
             warmup_epochs=warmup_epochs,
@@ -178,6 +265,9 @@ def binarize(
             half=half,
             keep_latent=keep_latent,
             convert=conv.to_dict(),
+            other_weight_decay=other_weight_decay,
+            calib_images=calib_images,
+            step0_eval=step0_eval,
         )
         if plain_sign and (tau_min, tau_max) != (0.85, 0.99):
             raise RecuError(
@@ -198,11 +288,19 @@ def binarize(
         print_json({**result, "config": asdict(cfg)})
         return
     final = result["final"] or {}
+    if result.get("step0"):
+        from recu_cli.train import describe_step0
+
+        console.print(f"before training: {describe_step0(result['step0'])}")
     console.print(
         f"done: {result['epochs']} epochs, "
         f"last val top-1 {final.get('val_top1', float('nan')):.2f}%, "
         f"best {result['best_top1']:.2f}%, dead weights {100 * final.get('dead_share', 0):.1f}%; "
-        f"packed checkpoints in {result['run_dir']} (inspect: recu analyze {result['last']})"
+        + (
+            f"packed checkpoints in {result['run_dir']} (inspect: recu analyze {result['last']})"
+            if result["last"]
+            else f"stopped in stage 1 (real weights): no packed checkpoint in {result['run_dir']}"
+        )
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +59,27 @@ def convert(
     keep_latent: Annotated[
         bool, typer.Option("--keep-latent", help="Also store the latent weights.")
     ] = False,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Folder with train/ and val/: calibrate the thresholds on training images "
+            "and report val top-1 of the original and the converted model (step 0).",
+        ),
+    ] = None,
+    act_threshold: Annotated[
+        str | None,
+        typer.Option(
+            "--act-threshold",
+            help="zero (paper), learned or median (default: median with --data, else zero).",
+        ),
+    ] = None,
+    calib_images: Annotated[
+        int, typer.Option("--calib-images", min=1, help="Training images for calibration.")
+    ] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 256,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
     json_out: Json = False,
 ) -> None:
     """Binarize MODEL's convolutions (no training) and print what became binary and why."""
@@ -68,12 +90,20 @@ def convert(
         raise RecuError(
             "nothing to do: pass --dry-run to see the report or -o FILE to write a packed file"
         )
+    threshold = act_threshold or ("median" if data is not None else "zero")
     config = convert_config(
-        keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau
+        keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau, threshold
     )
     net, spec = create_model(model, num_classes=num_classes, pretrained=pretrained, weights=weights)
+    original = copy.deepcopy(net) if data is not None else None
     net, report = convert_model(net, config)
     result = {"model": spec.full_name, **report.to_dict(net)}
+    if original is not None:
+        from recu_cli.step0 import measure_step0
+
+        result["step0"] = measure_step0(
+            original, net, config, spec, data, calib_images, batch_size, workers
+        )
     if output is not None:
         from recu_cli.pack import save
 
@@ -86,5 +116,9 @@ def convert(
     from recu_cli.report.conversion import render_conversion
 
     render_conversion(console, report, net, title=f"{spec.full_name}: ReCU conversion")
+    if "step0" in result:
+        from recu_cli.train import describe_step0
+
+        console.print(f"step 0 on {data}: {describe_step0(result['step0'])}")
     if output is not None:
         console.print(f"wrote {output} ({output.stat().st_size:,} bytes)")

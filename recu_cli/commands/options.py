@@ -39,9 +39,11 @@ Keep = Annotated[
     ),
 ]
 Activation = Annotated[
-    str,
+    str | None,
     typer.Option(
-        "--act", help="Sign-friendly activation that replaces ReLU: hardtanh, prelu or identity."
+        "--act",
+        help="Sign-friendly activation that replaces ReLU: hardtanh, prelu or identity "
+        "(default: hardtanh; binarize takes its recipe's).",
     ),
 ]
 BStar = Annotated[
@@ -83,16 +85,18 @@ def convert_config(
     no_standardize: bool = False,
     plain_sign: bool = False,
     tau: float = 1.0,
+    act_threshold: str = "zero",
 ) -> ConvertConfig:
     from recu_cli.convert import ConvertConfig
 
     return ConvertConfig(
         keep=tuple(keep or ()),
-        activation=act,
+        activation=act or "hardtanh",
         b_star=b_star,
         tau=tau,
         alpha_init=alpha_init,
         alpha_mode=alpha_mode,
         standardize=not (no_standardize or plain_sign),
         clamp=not plain_sign,
+        act_threshold=act_threshold,
     )

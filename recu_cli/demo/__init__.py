@@ -9,3 +9,6 @@ the files were taken from Debian's dataset-fashion-mnist package.
 from pathlib import Path
 
 DEMO_ROOT = Path(__file__).parent
+# A full-precision ResNet-20 trained on this data (bench/make_demo_weights.py), so that the
+# offline demo binarizes a pretrained network, which is what recu is for.
+DEMO_WEIGHTS = DEMO_ROOT / "resnet20-demo.safetensors"

@@ -149,6 +149,7 @@ def _layer_columns(result: dict[str, Any]) -> list[Column]:
         col("tau", lambda s: _num(s.get("tau")), 4),
         col("b_hat", lambda s: _num(s.get("b_hat")), 5),
         col("Q", lambda s: _q(s.get("q")), 8),
+        col("|beta|", lambda s: _num(s.get("act_threshold_abs_mean")), 2),
         col("dead %", lambda s: _pct(s.get("dead_share")), 10, _pct(tot["dead_share"])),
         col("+1 %", lambda s: _pct(s.get("plus_share")), 6, _pct(tot["plus_share"])),
         col("H", lambda s: _num(s.get("entropy_bits")), 9, _num(tot["entropy_bits"])),

@@ -78,6 +78,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "input_size": list(packed.spec.input_size),
         "num_classes": packed.spec.num_classes,
         "tau": packed.tau,
+        "act_threshold": packed.recipe.act_threshold,
+        "format_version": packed.format_version,
         "storage": packed.storage,
         "layers": rows,
         "totals": t,
@@ -207,6 +209,7 @@ def render_info(console: Console, s: dict[str, Any]) -> None:
             )
         )
     pairs += [
+        ("activation thresholds", _threshold_text(s.get("act_threshold", "zero"))),
         ("float32 equivalent", _mb(tot["float32_bytes"])),
         (
             "compression",
@@ -227,6 +230,12 @@ def render_info(console: Console, s: dict[str, Any]) -> None:
     for k, v in pairs:
         summary.add_row(k, v)
     console.print(summary)
+
+
+def _threshold_text(mode: str) -> str:
+    if mode == "zero":
+        return "none: sign(x) (the paper)"
+    return f"sign(x - beta), one fp32 beta per input channel ({mode})"
 
 
 def _bits(x: float | None) -> str:

@@ -83,11 +83,18 @@ def fast_conv(layer: BinaryConv2d, engine: str, bn: nn.BatchNorm2d | None = None
         epi, tail = fold_epilogue(layer, None), copy.deepcopy(bn)
     assert epi is not None  # fold_epilogue without a BN always succeeds
     g, co = layer.groups, layer.out_channels // layer.groups
+    beta = getattr(layer, "act_threshold", None)
     if g == 1:
-        mod: nn.Module = _engine_conv(engine, w, epi, layer)
+        conv = _engine_conv(engine, w, epi, layer)
+        conv.set_threshold(beta)
+        mod: nn.Module = conv
     else:
+        ci = layer.in_channels // g
         parts = [(w[i * co : (i + 1) * co], epi.slice(i * co, (i + 1) * co)) for i in range(g)]
-        mod = GroupedConv([_engine_conv(engine, wg, eg, layer) for wg, eg in parts])
+        convs = [_engine_conv(engine, wg, eg, layer) for wg, eg in parts]
+        for i, conv in enumerate(convs):
+            conv.set_threshold(None if beta is None else beta[i * ci : (i + 1) * ci])
+        mod = GroupedConv(convs)
     return mod if tail is None else WithBatchNorm(mod, tail)
 
 

@@ -39,6 +39,9 @@ class RuntimeConv(nn.Module):
         self.epilogue = epilogue
         self.dot_epilogue = Epilogue.identity(self.out_channels)
         self.tap_sum = w.double().sum(dim=1)  # [Cout, kh, kw]
+        # RSign threshold [1, Cin, 1, 1] float32 or None: the kernels read sign(x - beta),
+        # which equals [x >= beta] exactly (IEEE subtraction is 0 only for x == beta)
+        self.act_threshold: torch.Tensor | None = None
         self._tables: dict[tuple[int, int], tuple] = {}
 
     def table(self, hw: tuple[int, int]) -> tuple:
@@ -65,14 +68,30 @@ class RuntimeConv(nn.Module):
         """The engine's output: with self.epilogue, or the exact dots (dot_epilogue) if dot."""
         raise NotImplementedError
 
+    def set_threshold(self, beta: torch.Tensor | None) -> None:
+        """Take the deploy form's activation threshold (per input channel), if any."""
+        if beta is not None:
+            beta = beta.detach().float().cpu().reshape(1, -1, 1, 1)
+            if beta.shape[1] != self.in_channels:
+                raise RecuError(
+                    f"activation threshold has {beta.shape[1]} values for "
+                    f"{self.in_channels} input channels"
+                )
+        self.act_threshold = beta
+
+    def shifted_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x - beta, exactly as the deploy form computes it (same float32 operation)."""
+        x = self.as_float(x)
+        return x if self.act_threshold is None else x - self.act_threshold
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         self.check_input(x)
-        return self.run(x, dot=False)
+        return self.run(self.shifted_input(x), dot=False)
 
     def integer_dot(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact sum(sign_pos(x) * w) over the kernel window (zero padding), as float32."""
+        """Exact sum(sign_pos(x - beta) * w) over the kernel window (zero padding), as float32."""
         self.check_input(x)
-        return self.run(x, dot=True)
+        return self.run(self.shifted_input(x), dot=True)
 
     def check_input(self, x: torch.Tensor) -> None:
         """One clear line instead of a kernel assertion for the usual mistakes."""

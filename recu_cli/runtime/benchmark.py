@@ -116,10 +116,10 @@ def _capture(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, t
 
 
 def _dots_exact(fast: nn.Module, site: Site, x: torch.Tensor) -> bool:
-    """Integer-exact: the engine's dot products equal F.conv2d(sign_pos(x), w) exactly."""
+    """Integer-exact: the engine's dot products equal F.conv2d(sign_pos(x - beta), w) exactly."""
     c = site.conv
-    ref = F.conv2d(sign_pos(x.float()), c.weight_sign.float(), None, c.stride, c.padding,
-                   c.dilation, c.groups)  # fmt: skip
+    xb = sign_pos(c.shifted_input(x.float()))
+    ref = F.conv2d(xb, c.weight_sign.float(), None, c.stride, c.padding, c.dilation, c.groups)
     return bool(torch.equal(fast.integer_dot(x), ref))
 
 

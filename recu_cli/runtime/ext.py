@@ -4,6 +4,12 @@ The library is compiled without -march (the kernels pick AVX-512 VPOPCNTDQ, AVX2
 code at run time), so one cached build is valid on any CPU of the machine's architecture.
 The cache key covers the source, the flags, torch and Python, because a C++ extension is
 tied to the exact torch ABI it was built against.
+
+The ops are proper torch custom ops (TORCH_LIBRARY(recu_xnor) in csrc/xnor.cpp) with fake
+(meta) kernels registered here, so torch.export and torch.compile trace them; an exported
+program keeps `torch.ops.recu_xnor.*` nodes, and `import recu_cli.runtime` loads an
+already-built library (`load_cached`, no compiler run) so such a program loads in a fresh
+process.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512_vpopcntdq"}
 ISA_CODES = {"auto": -1, **{v: k for k, v in ISA_NAMES.items()}}
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"ops": None, "error": None}
+_state: dict[str, Any] = {"ops": None, "error": None, "fakes": False}
+LIBRARY_SUFFIXES = (".so", ".pyd", ".dylib")
 
 
 def cache_root() -> Path:
@@ -121,7 +128,83 @@ def _build() -> Any:
             f"the compiler output, or use the int8 (or torch) engine instead",
             exit_code=1,
         ) from e
+    register_fakes()
     return torch.ops.recu_xnor
+
+
+def _out_hw(h: Any, w: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+            dw: int) -> tuple[Any, Any]:  # fmt: skip
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _nhwc(x: torch.Tensor) -> bool:
+    """The kernels' layout rule: channels_last-contiguous but not plain contiguous."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def register_fakes() -> None:
+    """Shape-only (fake/meta) kernels of the C++ ops, once the library is loaded.
+
+    They mirror the shapes, dtypes and memory formats the C++ kernels return, so that
+    torch.export traces a runtime model into `recu_xnor::conv` nodes (checked by
+    torch.library.opcheck in tests/test_export.py).
+    """
+    if _state["fakes"]:
+        return
+    reg = torch.library.register_fake
+
+    @reg("recu_xnor::pack_activations")
+    def _pack_activations(x: torch.Tensor, ph: int, pw: int, isa: int) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.new_empty((n, h + 2 * ph, w + 2 * pw, (c + 63) // 64), dtype=torch.long)
+
+    @reg("recu_xnor::pack_weights")
+    def _pack_weights(w: torch.Tensor) -> torch.Tensor:
+        cout, cin, kh, kw = w.shape
+        return w.new_empty(((cout + 31) // 32, kh, kw, (cin + 63) // 64, 32), dtype=torch.long)
+
+    @reg("recu_xnor::conv")
+    def _conv(x: torch.Tensor, wpk: torch.Tensor, cout: int, kh: int, kw: int, sh: int,
+              sw: int, ph: int, pw: int, dh: int, dw: int, *rest: Any) -> torch.Tensor:  # fmt: skip
+        n, _, h, w = x.shape
+        ho, wo = _out_hw(h, w, kh, kw, sh, sw, ph, pw, dh, dw)
+        fmt = torch.channels_last if _nhwc(x) else torch.contiguous_format
+        return torch.empty((n, cout, ho, wo), dtype=torch.float32, device=x.device,
+                           memory_format=fmt)  # fmt: skip
+
+    _state["fakes"] = True
+
+
+def library_file(key: str | None = None) -> Path | None:
+    """The built library of this source/torch/Python combination, if it is in the cache."""
+    key = key or build_key()
+    folder = cache_root() / f"{EXT_NAME}-{key}"
+    for suffix in LIBRARY_SUFFIXES:
+        f = folder / f"{EXT_NAME}_{key}{suffix}"
+        if f.is_file():
+            return f
+    return None
+
+
+def load_cached() -> bool:
+    """Load an already-built library without running the compiler; True if the ops are there.
+
+    Called by `import recu_cli.runtime`, so that torch.export.load finds recu_xnor ops in a
+    fresh process. Never raises: without a cached build the kernels build on first use.
+    """
+    with _lock:
+        if _state["ops"] is not None:
+            return True
+        try:
+            lib = library_file()
+            if lib is None:
+                return False
+            torch.ops.load_library(str(lib))
+            register_fakes()
+        except (OSError, RuntimeError):
+            return False
+        _state["ops"] = torch.ops.recu_xnor
+        return True
 
 
 def ops() -> Any:

@@ -9,7 +9,8 @@
 //
 // The ISA is chosen at run time (AVX-512 VPOPCNTDQ, AVX2 nibble-LUT, portable scalar); the
 // file is compiled without -march so the library runs on any x86-64 (or non-x86) CPU.
-// Ops are registered with TORCH_LIBRARY (no pybind) to keep the first-use compile short.
+// Ops are registered with TORCH_LIBRARY (no pybind) to keep the first-use compile short; they
+// are proper torch custom ops (schema + CPU kernel; fake kernels in ext.py) for torch.export.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -533,16 +534,23 @@ bool isa_supported(int64_t isa) {
 }  // namespace
 }  // namespace recu
 
+// Schemas first, kernels per dispatch key: the tensor ops are CPU kernels (not catch-all
+// CompositeImplicitAutograd ones), so that the fake kernels registered from Python
+// (recu_cli/runtime/ext.py, torch.library.register_fake) let torch.export trace them.
 TORCH_LIBRARY(recu_xnor, lib) {
   lib.def("detect_isa() -> int", &recu::detect_isa);
   lib.def("isa_supported(int isa) -> bool", &recu::isa_supported);
-  lib.def("pack_activations(Tensor x, int ph, int pw, int isa) -> Tensor",
-          &recu::pack_activations);
-  lib.def("pack_weights(Tensor w) -> Tensor", &recu::pack_weights);
+  lib.def("pack_activations(Tensor x, int ph, int pw, int isa) -> Tensor");
+  lib.def("pack_weights(Tensor w) -> Tensor");
   lib.def(
       "conv(Tensor x, Tensor wpk, int cout, int kh, int kw, int sh, int sw, int ph, int pw, "
       "int dh, int dw, Tensor ktab, Tensor s, Tensor? t, Tensor? bn_a, Tensor? bn_c, Tensor ymap, "
       "Tensor xmap, int isa) "
-      "-> Tensor",
-      &recu::conv);
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(recu_xnor, CPU, lib) {
+  lib.impl("pack_activations", &recu::pack_activations);
+  lib.impl("pack_weights", &recu::pack_weights);
+  lib.impl("conv", &recu::conv);
 }

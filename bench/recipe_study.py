@@ -1,0 +1,97 @@
+"""The short fine-tune recipe built up one component at a time, on real CIFAR-10 images.
+
+Every row runs `recu binarize resnet20` from the shared pretrained weights through the real
+CLI, with the same seed, data and epoch budget, and differs from the row above it by one
+component: thresholds (+PReLU), two stages, feature distillation, a bigger teacher,
+parameter groups, BatchNorm re-estimation. Training images: a class-balanced selection of
+../shared/data/cifar10/train linked (not copied) into a temporary folder (--per-class 4500
+is all 45,000); validation: the full val/ split. Prints a markdown table; JSON in --out.
+
+    python bench/recipe_study.py --per-class 1000 --parallel 2            # explore
+    python bench/recipe_study.py --per-class 4500 --only finetune plain --seeds 42 43
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ablation import SHARED, make_subset, run_one  # bench/ is run as a script folder
+
+R56 = [
+    "--teacher",
+    "resnet56",
+    "--teacher-weights",
+    str(SHARED / "weights" / "resnet56-4bfd9763.th"),
+]
+BASE = ["--recipe", "paper"]
+THR = [*BASE, "--act", "prelu", "--act-threshold", "median", "--lr", "2e-3"]
+STAGES = [*THR, "--stage1-epochs", "3"]
+FKD = [*STAGES, "--feature-kd", "3"]
+VARIANTS: dict[str, list[str]] = {
+    "paper": BASE,
+    "+thresholds": THR,
+    "+two-stages": STAGES,
+    "+feature-kd": FKD,
+    "+teacher-r56": [*FKD, *R56],
+    "+param-groups": [*FKD, "--other-lr-scale", "3"],
+    "+bn-recalib": [*FKD, "--bn-recalib", "50"],
+    "finetune": [],
+    "plain": ["--plain-sign"],
+    "split2": ["--stage1-epochs", "2"],
+    "split4": ["--stage1-epochs", "4"],
+    "zero-thr": ["--act-threshold", "zero"],
+}
+
+
+def command(data: Path, runs: Path, variant: str, seed: int, args) -> list[str]:
+    import sys
+
+    return [
+        sys.executable, "-m", "recu_cli", "binarize", args.model,
+        "--weights", str(SHARED / "weights" / args.weights), "--data", str(data),
+        "--epochs", str(args.epochs), "-j", "1", "--seed", str(seed),
+        "-o", str(runs), "--experiment", f"{args.model}-{variant}-s{seed}", "--quiet",
+        *VARIANTS[variant], *args.extra,
+    ]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-class", type=int, default=1000, help="training images per class")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--weights", default="resnet20-12fca82f.th")
+    ap.add_argument("--parallel", type=int, default=2, help="runs at once (1 thread each)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[42])
+    ap.add_argument("--runs", type=Path, default=Path("output/recipe-study"))
+    ap.add_argument("--out", type=Path, default=Path("docs/recipe-study"))
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
+    ap.add_argument("extra", nargs="*", help="extra recu binarize flags for every run")
+    args = ap.parse_args()
+    data = make_subset(args.per_class)
+    names = [v for v in VARIANTS if not args.only or v in args.only]
+    jobs = [
+        (f"{v}-s{s}", command(data, args.runs, v, s, args), args.runs / f"{args.model}-{v}-s{s}")
+        for v in names
+        for s in args.seeds
+    ]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        futures = {name: pool.submit(run_one, cmd, rd) for name, cmd, rd in jobs}
+        results = {name: f.result() for name, f in futures.items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.model}-{args.per_class}pc-{args.epochs}ep"
+    payload = {"commands": {n: " ".join(c) for n, c, _ in jobs}, "results": results}
+    (args.out / f"{tag}.json").write_text(json.dumps(payload, indent=2))
+    print(f"| run ({tag}) | " + " | ".join(f"ep{e + 1}" for e in range(args.epochs))
+          + " | wall (s) |")  # fmt: skip
+    print("|---" * (args.epochs + 2) + "|")
+    for name, res in results.items():
+        tops = " | ".join(f"{r['val_top1']:.2f}" for r in res["rows"])
+        print(f"| {name} | {tops} | {res['wall_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

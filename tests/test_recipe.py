@@ -1,0 +1,350 @@
+"""The short fine-tune recipe: thresholds, calibration, two stages, feature distillation,
+parameter groups, recipes by name, format version 2, step-0 numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from recu_cli.binarize.layers import BinaryConv2d, ReCUConv2d
+from recu_cli.calibrate import calibrate_thresholds, one_sided_share, sign_balance
+from recu_cli.convert import ConvertConfig, binary_layers, convert_model, to_deploy
+from recu_cli.distill import attention_loss, attention_map, feature_points
+from recu_cli.models import create_model
+from recu_cli.train import TrainConfig, Trainer, param_groups
+from tests.test_cli_models import assert_one_line_error, run_cli
+from tests.test_runtime import XNOR_OK, signed_input
+from tests.test_train import final_state, small_cifar  # noqa: F401 - fixture
+
+DATA = Path(__file__).parent / "data"
+
+
+def one_by_one(latent: float, threshold: bool = True) -> ReCUConv2d:
+    layer = ReCUConv2d(
+        1, 1, 1, standardize=False, clamp=False, rescale_activations=False,
+        act_threshold=threshold,
+    )  # fmt: skip
+    with torch.no_grad():
+        layer.weight.fill_(latent)
+        layer.alpha.fill_(1.0)
+    return layer
+
+
+def test_threshold_forward_and_gradient_by_hand() -> None:
+    layer = one_by_one(0.7)
+    with torch.no_grad():
+        layer.act_threshold.fill_(0.5)
+    x = torch.tensor([0.2, 0.9, -0.4, 0.5]).view(1, 1, 1, 4).requires_grad_(True)
+    out = layer(x)
+    # x - beta = [-0.3, 0.4, -0.9, 0.0] -> sign [-1, +1, -1, +1] (sign(0) = +1), w = +1
+    assert out.flatten().tolist() == [-1.0, 1.0, -1.0, 1.0]
+    (out.flatten() * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    # ApproxSign: grad * max(0, 2 - 2|x - beta|) = [1*1.4, 2*1.2, 3*0.2, 4*2.0]
+    want = torch.tensor([1.4, 2.4, 0.6, 8.0])
+    assert torch.allclose(x.grad.flatten(), want, atol=1e-6)
+    assert layer.act_threshold.grad.item() == pytest.approx(-want.sum().item(), abs=1e-5)
+    deploy = BinaryConv2d.from_recu(layer.eval())
+    assert torch.equal(deploy(x.detach()), layer(x.detach()))
+
+
+def test_no_threshold_is_the_paper_layer() -> None:
+    a, b = one_by_one(0.7, threshold=False), one_by_one(0.7)
+    x = torch.randn(2, 1, 3, 3)
+    assert a.act_threshold is None and "act_threshold" not in a.state_dict()
+    assert torch.equal(a(x), b(x))  # a zero threshold changes nothing
+
+
+def test_calibration_balances_a_one_sided_input() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ReCUConv2d(3, 4, 3, padding=1, act_threshold=True),
+        nn.BatchNorm2d(4),
+        ReCUConv2d(4, 5, 3, padding=1, act_threshold=True),
+    ).eval()
+    images = torch.rand(16, 3, 8, 8) + 0.5  # every value positive: sign() is constant +1
+    before = sign_balance(model, images)
+    assert torch.equal(before["0"], torch.ones(3))
+    assert one_sided_share({"0": before["0"]}) == 1.0
+    assert calibrate_thresholds(model, images) == 2
+    want = images.transpose(0, 1).reshape(3, -1).median(dim=1).values
+    assert torch.equal(model[0].act_threshold.detach(), want)
+    # the second layer was calibrated on what the calibrated first layer gives it
+    second_in = model[1](model[0](images)).detach()
+    want2 = second_in.transpose(0, 1).reshape(4, -1).median(dim=1).values
+    assert torch.allclose(model[2].act_threshold.detach(), want2)
+    after = sign_balance(model, images)
+    assert torch.all((after["0"] - 0.5).abs() < 0.01), after["0"]  # continuous input
+    # binary-conv outputs are few distinct values: ties at the median go to +1
+    assert torch.all((after["2"] >= 0.5) & (after["2"] < 0.6)), after["2"]
+    assert one_sided_share(after) == 0.0
+
+
+def test_stage_one_uses_real_centred_weights_and_the_switch_sets_alpha() -> None:
+    torch.manual_seed(1)
+    layer = ReCUConv2d(4, 6, 3, padding=1, act_threshold=True).eval()
+    x = torch.randn(2, 4, 5, 5)
+    layer.binarize_weights = False
+    w0 = layer.weight - layer.weight.mean(dim=(1, 2, 3), keepdim=True)
+    xb = torch.where(layer.shifted_input(x) >= 0, 1.0, -1.0)
+    ref = nn.functional.conv2d(xb, w0, None, 1, 1)
+    assert torch.allclose(layer(x), ref, atol=1e-6)
+    layer.binarize_weights = True
+    layer.reset_alpha_from_latent()
+    assert torch.allclose(layer.alpha.flatten(), w0.abs().mean(dim=(1, 2, 3)))
+    wb = torch.where(w0 >= 0, 1.0, -1.0)
+    binary = nn.functional.conv2d(xb, wb, None, 1, 1) * layer.alpha
+    assert torch.allclose(layer(x), binary, atol=1e-6)
+
+
+def test_parameter_groups_split_latents_fp_weights_and_the_rest() -> None:
+    model, _ = create_model("resnet20", num_classes=10)
+    model, _ = convert_model(model, ConvertConfig(activation="prelu", act_threshold="median"))
+    groups = param_groups(model, 1e-3, 1e-5, other_lr_scale=4.0, other_weight_decay=0.0)
+    latent = {id(m.weight) for _, m in binary_layers(model)}
+    assert {id(p) for p in groups[0]["params"]} == latent
+    assert groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 1e-5
+    assert groups[1]["lr"] == groups[2]["lr"] == 4e-3
+    assert [p.ndim for p in groups[1]["params"]] == [4, 2]  # stem conv, classifier
+    names = {id(p): n for n, p in model.named_parameters()}
+    rest = {names[id(p)].rsplit(".", 1)[-1] for p in groups[2]["params"]}
+    assert rest == {"weight", "bias", "alpha", "act_threshold"}  # BN/PReLU weights, ...
+    assert groups[2]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_attention_loss_and_matched_points() -> None:
+    f = torch.randn(2, 3, 4, 4)
+    assert attention_loss([f], [f]).item() == 0.0
+    a = attention_map(f)
+    assert torch.allclose(a.norm(dim=1), torch.ones(2))
+    g = torch.randn(2, 3, 4, 4)
+    want = (attention_map(f) - attention_map(g)).norm(dim=1).mean()
+    assert attention_loss([f], [g]).item() == pytest.approx(want.item())
+    r20, _ = create_model("resnet20", num_classes=10)
+    r56, _ = create_model("resnet56", num_classes=10)
+    student, _ = convert_model(create_model("resnet20", num_classes=10)[0])
+    assert feature_points(student, r20) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    assert feature_points(student, r56) == ["layer1", "layer2", "layer3"]
+
+
+def thresholded_resnet20(weights: Path, images: torch.Tensor) -> nn.Module:
+    model, _ = create_model("resnet20", weights=weights)
+    model, _ = convert_model(model, ConvertConfig(activation="prelu", act_threshold="median"))
+    calibrate_thresholds(model, images)
+    return model.eval()
+
+
+def test_packed_round_trip_with_thresholds_and_runtime_engines(
+    resnet20_weights, tmp_path
+) -> None:
+    from recu_cli import pack
+    from recu_cli.runtime import to_runtime
+    from tests.conftest import cifar_batch
+
+    images, _ = cifar_batch(64)
+    model = thresholded_resnet20(resnet20_weights, images)
+    thr = {n: m.act_threshold.detach().clone() for n, m in binary_layers(model)}
+    assert all(bool((t != 0).any()) for t in thr.values())
+    spec = create_model("resnet20")[1]
+    path = tmp_path / "t.safetensors"
+    pack.save(path, model, spec, ConvertConfig(activation="prelu", act_threshold="median"))
+    raw = load_file(path)
+    for name, t in thr.items():
+        assert torch.equal(raw[f"{name}.act_threshold"], t)
+    assert pack.read(path).format_version == 2
+    loaded = pack.load(path)
+    with torch.no_grad():
+        ref = to_deploy(model)(images)
+        assert torch.equal(loaded(images), ref)
+        for engine in ("int8", "xnor") if XNOR_OK else ("int8",):
+            assert torch.equal(to_runtime(loaded, engine)(images), ref), engine
+
+
+def test_runtime_conv_with_thresholds_is_exact_on_odd_shapes() -> None:
+    from recu_cli.runtime import fast_conv
+    from tests.test_runtime import batch_norm, binary_conv
+
+    for cin, cout, stride, pad in ((37, 65, 2, 1), (5, 7, 1, 0), (64, 64, 1, 1)):
+        layer = binary_conv(cin, cout, 3, stride, pad, 1)
+        layer.register_buffer("act_threshold", torch.randn(cin) * 0.5)
+        x = signed_input(2, cin, 9)
+        x[:, :, 0, 0] = layer.act_threshold  # exact ties: x == beta must give +1
+        bn = batch_norm(cout)
+        with torch.no_grad():
+            ref = bn(layer(x))
+            for engine in ("int8", "xnor") if XNOR_OK else ("int8",):
+                assert torch.equal(fast_conv(layer, engine, bn)(x), ref), (engine, cin, cout)
+
+
+def test_version_1_file_still_loads(capsys) -> None:
+    from recu_cli import pack
+
+    path = DATA / "packed-v1-resnet20.safetensors"
+    packed = pack.read(path)
+    assert packed.format_version == 1 and packed.recipe.act_threshold == "zero"
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = pack.load(path)(x)
+    want = load_file(DATA / "packed-v1-resnet20.logits.safetensors")["logits"]
+    assert torch.equal(logits, want)
+    code, out, _ = run_cli(["info", str(path), "--json"], capsys)
+    assert code == 0 and json.loads(out)
+
+
+def test_convert_dry_run_reports_step0(capsys, small_cifar, resnet20_weights) -> None:  # noqa: F811
+    code, out, err = run_cli(
+        ["convert", "resnet20", "--weights", str(resnet20_weights), "--data", str(small_cifar),
+         "--dry-run", "--json", "-j", "0"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    step0 = json.loads(out)["step0"]
+    assert step0["fp_top1"] > 60  # the pretrained network on real val images
+    for key in ("before", "after"):
+        assert 0 <= step0[key]["top1"] <= 100 and 0 <= step0[key]["one_sided_share"] <= 1
+    assert step0["after"]["one_sided_share"] < step0["before"]["one_sided_share"]
+
+
+def finetune_config(data: Path, weights: Path, out: Path, name: str, **kw) -> TrainConfig:
+    from recu_cli.recipes import recipe_settings
+
+    settings = recipe_settings("finetune", kw.get("epochs", 2))
+    conv = settings.pop("convert")
+    base = dict(
+        model="resnet20", data=str(data), weights=str(weights), batch_size=16, workers=0,
+        output=str(out), experiment=name, log_interval=0, seed=3, step0_eval=False,
+        calib_images=64, convert=ConvertConfig(**conv).to_dict(),
+    )  # fmt: skip
+    return TrainConfig(**{**base, **settings, **kw})
+
+
+def test_two_stage_run_resumes_exactly_across_the_boundary(
+    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
+) -> None:
+    straight = finetune_config(small_cifar, resnet20_weights, tmp_path, "straight", epochs=2)
+    assert straight.stage1_epochs == 1 and straight.feature_kd > 0
+    trainer = Trainer(straight, quiet=True)
+    result = trainer.fit()
+    rows = list(csv.DictReader((tmp_path / "straight" / "summary.csv").open()))
+    assert [r["stage"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["tau"]) == pytest.approx(0.85)  # the schedule spans stage 2
+    share = {k: result["step0"][k]["one_sided_share"] for k in ("before", "after")}
+    assert share["after"] < share["before"]
+    # stopped exactly at the stage boundary (the end of epoch 1), then resumed
+    broken = finetune_config(
+        small_cifar, resnet20_weights, tmp_path, "broken", epochs=2,
+        max_steps=trainer.steps_per_epoch,
+    )  # fmt: skip
+    Trainer(broken, quiet=True).fit()
+    run = tmp_path / "broken"
+    assert not (run / "last.safetensors").exists()  # stage 1 has nothing to pack
+    Trainer(TrainConfig(**{**broken.__dict__, "max_steps": None}), run_dir=run, quiet=True).fit()
+    a, b = final_state(tmp_path / "straight"), final_state(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigint_inside_stage_two_resumes_to_the_bit(
+    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
+) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    args = [
+        "binarize", "resnet20", "--weights", str(resnet20_weights), "--data", str(small_cifar),
+        "--epochs", "2", "-b", "16", "--seed", "5", "--log-interval", "1", "--no-step0-eval",
+        "--calib-images", "32", "-o", str(tmp_path),
+    ]  # fmt: skip
+    code, _, err = run_cli([*args, "-j", "0", "--experiment", "straight"], capsys)
+    assert code == 0, err
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recu_cli", *args, "-j", "1", "--experiment", "broken"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in proc.stderr:
+        if re.search(r"epoch 2 step 3/", line):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    code, _, err = run_cli(["binarize", "--resume", str(tmp_path / "broken"), "-q"], capsys)
+    assert code == 0, err
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "broken")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pa, pb = (load_file(tmp_path / n / "last.safetensors") for n in ("straight", "broken"))
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_stage_switch_changes_exactly_what_it_says(
+    small_cifar, resnet20_weights, tmp_path  # noqa: F811
+) -> None:
+    cfg = finetune_config(small_cifar, resnet20_weights, tmp_path, "switch", epochs=2)
+    trainer = Trainer(cfg, quiet=True)
+    assert trainer.stage == 1
+    assert all(not m.binarize_weights for _, m in binary_layers(trainer.model))
+    trainer.optimizer.state[next(trainer.model.parameters())]["x"] = torch.zeros(1)
+    with torch.no_grad():
+        for _, m in binary_layers(trainer.model):
+            m.alpha.fill_(1.0)  # as if stage 1 had moved them
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.pos.epoch, trainer.pos.global_step = 1, trainer.steps_per_epoch
+    trainer._enter_stage(2, switching=True)
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"{n}.alpha" for n, _ in binary_layers(trainer.model)}
+    assert all(m.binarize_weights for _, m in binary_layers(trainer.model))
+    assert len(trainer.optimizer.state) == 0
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.base_lr)
+
+
+def test_autocast_bf16_steps_of_the_recipe_on_cpu(
+    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
+) -> None:
+    """The mixed-precision path (CPU bf16 autocast = the CUDA bf16 code) trains and packs."""
+    code, out, err = run_cli(
+        ["binarize", "resnet20", "--weights", str(resnet20_weights), "--data", str(small_cifar),
+         "--epochs", "2", "--max-steps", "10", "-b", "16", "-j", "0", "--amp",
+         "--no-step0-eval", "--calib-images", "32", "-o", str(tmp_path), "--experiment", "amp",
+         "--log-interval", "1", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    log = (tmp_path / "amp" / "train.log").read_text()
+    losses = [float(x.split()[0]) for x in log.split(" loss ")[1:]]
+    assert len(losses) >= 10 and all(math.isfinite(v) for v in losses)
+    assert "bf16 autocast" in log
+    from recu_cli import pack
+
+    model = pack.load(json.loads(out)["last"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--epochs", "4", "--stage1-epochs", "4"], "--stage1-epochs"),
+        (["--feature-kd", "-1"], "--feature-kd"),
+        (["--other-lr-scale", "-2"], "--other-lr-scale"),
+        (["--act-threshold", "mean"], "--act-threshold"),
+        (["--recipe", "fast"], "--recipe"),
+        (["--teacher", "none", "--feature-kd", "1"], "--feature-kd"),
+    ],
+)
+def test_bad_recipe_values(capsys, extra, fragment, tmp_path) -> None:
+    code, _, err = run_cli(
+        ["binarize", "resnet20", "--data", "demo", "-o", str(tmp_path), *extra], capsys
+    )
+    assert_one_line_error(code, err, fragment)
+    assert not any(tmp_path.iterdir())
