@@ -49,7 +49,7 @@ def small_cifar(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, small_cifar) -> dict[str, Path]:
-    """A converted pretrained ResNet-20 and one fine-tuned for 5 steps by `recu binarize`."""
+    """A converted pretrained ResNet-20 and two fine-tuned for 5 steps by `recu binarize`."""
     from recu_cli.cli import main
     from tests.conftest import RESNET20_WEIGHTS
 
@@ -64,13 +64,19 @@ def checkpoints(tmp_path_factory, small_cifar) -> dict[str, Path]:
         return buf.getvalue()
 
     cli(["convert", "resnet20", "--weights", str(weights), "-o", str(d / "converted.safetensors")])
-    out = cli(["binarize", "resnet20", "--weights", str(weights), "--data", str(small_cifar),
-               "--epochs", "1", "--max-steps", "5", "-b", "16", "-j", "0", "-o", str(d),
-               "--experiment", "run",
-               "--json"])  # fmt: skip
-    trained = Path(json.loads(out)["last"])
-    assert trained.is_file(), out[-500:]
-    return {"converted": d / "converted.safetensors", "trained": trained}
+    def binarize(name: str, *extra: str) -> Path:
+        out = cli(["binarize", "resnet20", "--weights", str(weights), "--data", str(small_cifar),
+                   "--epochs", "1", "--max-steps", "5", "-b", "16", "-j", "0", "-o", str(d),
+                   "--experiment", name, "--json", *extra])  # fmt: skip
+        path = Path(json.loads(out)["last"])
+        assert path.is_file(), out[-500:]
+        return path
+
+    return {
+        "converted": d / "converted.safetensors",
+        "trained": binarize("paper", "--act-threshold", "zero"),  # sign(x), as the paper
+        "tuned": binarize("tuned"),  # default recipe: median-calibrated thresholds
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def _reference(src: Path, x: torch.Tensor) -> np.ndarray:
         return load(src)(x).numpy()
 
 
-@pytest.mark.parametrize("which", ["converted", "trained"])
+@pytest.mark.parametrize("which", ["converted", "trained", "tuned"])
 def test_onnx_and_qonnx_match_recu_on_500_val_images(
     capsys, checkpoints, val500, tmp_path, which
 ) -> None:
@@ -118,8 +124,14 @@ def test_onnx_and_qonnx_match_recu_on_500_val_images(
         "qonnx": qonnx.run(files["qonnx"], x),
     }
     for name, out in outs.items():
-        assert (out.argmax(1) == ref.argmax(1)).all(), name
-        assert np.abs(out - ref).max() < 1e-4, (name, np.abs(out - ref).max())
+        check = verify.compare(ref, out, name, f"{N_IMAGES} val images")
+        print(which, check.line())
+        if which == "converted":  # strict: no activation sits within rounding of its threshold
+            assert check.argmax_agree == N_IMAGES, check
+            assert np.abs(out - ref).max() < 1e-4, check
+        else:  # fine-tuned: fp32 rounding of the stem flips a few near-threshold signs
+            assert check.argmax_agree >= 0.99 * N_IMAGES, check
+            assert check.within_tolerance >= 0.98 * N_IMAGES, check
 
 
 def test_onnx_graph_structure_and_metadata(checkpoints, tmp_path) -> None:

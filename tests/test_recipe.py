@@ -348,3 +348,25 @@ def test_bad_recipe_values(capsys, extra, fragment, tmp_path) -> None:
     )
     assert_one_line_error(code, err, fragment)
     assert not any(tmp_path.iterdir())
+
+
+def test_main_job_binarizes_the_shipped_pretrained_demo_model(capsys, tmp_path) -> None:
+    """`recu binarize resnet20 --data demo` starts from the shipped full-precision weights."""
+    from recu_cli.demo import DEMO_WEIGHTS
+
+    assert DEMO_WEIGHTS.is_file() and DEMO_WEIGHTS.stat().st_size < 1_100_000
+    code, out, err = run_cli(
+        ["binarize", "resnet20", "--data", "demo", "--epochs", "2", "--max-steps", "36",
+         "-j", "0", "-o", str(tmp_path), "--experiment", "demo", "--json"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["config"]["weights"] == str(DEMO_WEIGHTS)
+    step0 = result["step0"]
+    assert step0["fp_top1"] > 75  # a trained network, not a random one
+    assert step0["before"]["top1"] < 30 and step0["after"]["one_sided_share"] == 0.0
+    rows = list(csv.DictReader((tmp_path / "demo" / "summary.csv").open()))
+    assert [r["stage"] for r in rows] == ["1", "2"]
+    # 31 steps of stage 1 and 5 of stage 2: training has begun to recover the network
+    assert result["final"]["val_top1"] > step0["before"]["top1"] + 3

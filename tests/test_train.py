@@ -19,7 +19,8 @@ from recu_cli.train import SUMMARY_FIELDS, TrainConfig, Trainer, TrainingStopped
 from tests.test_cli_models import assert_one_line_error, run_cli
 
 RUN_ARGS = [
-    "--recipe", "paper", "--epochs", "2", "-b", "16", "--log-interval", "1", "--seed", "7", "-j", "0",
+    "--recipe", "paper", "--epochs", "2", "-b", "16", "--log-interval", "1", "--seed", "7",
+    "-j", "0",
 ]  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from recu_cli.app import app, console, err_console, print_json
+from recu_cli.app import app, console, print_json
 from recu_cli.commands.options import Json, Quiet
 
 
@@ -56,8 +56,6 @@ def export_cmd(
     """Export for onnxruntime / OpenVINO / FINN / libtorch; verified before it is written."""
     from recu_cli.export import export_file
 
-    if not (quiet or json_out):
-        err_console.print(f"[dim]exporting {file} and verifying it ...[/]")
     result = export_file(
         file, output, fmt, packed=packed, alpha_in_quant=alpha_in_quant, data=data,
         batch=verify_batch, seed=seed,

@@ -1,8 +1,9 @@
 """Run an exported file in its target runtime and compare it with recu's own output.
 
 Every `recu export` calls this on the temporary file before renaming it into place, so a
-file that exists was checked: same argmax on every image, and the max abs logit difference
-within the tolerance (or bit-identical logits, for pt2). A failure is a RecuError and the
+file that exists was checked: same argmax and logits within the tolerance on the batch, up to
+FLIP_SHARE of the images (fp32 rounding of the float layers, below), or bit-identical logits
+with recu's xnor runtime for pt2. A failure is a RecuError and the
 temporary file is removed.
 """
 
@@ -21,6 +22,14 @@ from recu_cli.models import ModelSpec
 # Max abs logit difference allowed, times max(1, max |reference logit|): float runtimes sum
 # the fp layers (stem, BatchNorm, classifier) in other orders, which moves logits by ~1e-6.
 TOLERANCE = 1e-4
+# Full-precision layers (the stem conv, BatchNorm) round differently in every runtime (other
+# summation orders, fma or not), and a last-bit difference right at an activation threshold
+# flips that sign and moves the logits of that image. Measured: none in 500 CIFAR images of a
+# converted ResNet-20 (threshold 0), 6 of 500 after a fine-tune with median-calibrated
+# thresholds (which sit where activations are densest). So a few such images are allowed:
+# at most max(1, 2 %) of the batch may leave the tolerance or change argmax; a real export
+# error (sign rule, bit order, padding, threshold) moves every image.
+FLIP_SHARE = 0.02
 # onnxruntime fusions that fold a constant Mul / BatchNorm / Add into the conv weights: they
 # round differently from alpha * (exact integer dot), and a last-bit difference before a
 # sign flips it. Disabled for the exact check; the default session is measured as well.
@@ -36,6 +45,7 @@ class Check:
     inputs: str
     argmax_agree: int
     max_abs_diff: float
+    within_tolerance: int  # images whose every logit is within the tolerance
     tolerance: float | None  # None: the difference is reported, not enforced
     bit_identical: bool
     required: str  # what must hold: "argmax+tolerance", "argmax", "bit-identical", "none"
@@ -46,16 +56,23 @@ class Check:
             return True
         if self.required == "bit-identical":
             return self.bit_identical
-        argmax_ok = self.argmax_agree == self.images
+        allowed = self.allowed_flips
+        argmax_ok = self.images - self.argmax_agree <= allowed
         if self.required == "argmax":
             return argmax_ok
-        return argmax_ok and self.tolerance is not None and self.max_abs_diff <= self.tolerance
+        return argmax_ok and self.images - self.within_tolerance <= allowed
+
+    @property
+    def allowed_flips(self) -> int:
+        return max(1, int(FLIP_SHARE * self.images)) if self.images > 1 else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
 
     def line(self) -> str:
         same = "bit-identical" if self.bit_identical else f"max abs diff {self.max_abs_diff:.3g}"
+        if not self.bit_identical and self.tolerance is not None:
+            same += f", {self.within_tolerance}/{self.images} within {self.tolerance:.2g}"
         return (
             f"{self.runtime}: same argmax {self.argmax_agree}/{self.images} ({self.inputs}), {same}"
         )
@@ -99,7 +116,8 @@ def compare(
             exit_code=1,
         )
     finite = bool(torch.isfinite(o).all())
-    diff = float((o - r).abs().max()) if finite and r.numel() else float("inf")
+    per_image = (o - r).abs().flatten(1).max(1).values if finite else torch.full((len(r),), 1e30)
+    diff = float(per_image.max()) if r.numel() else float("inf")
     tol = TOLERANCE * max(1.0, float(r.abs().max())) if required == "argmax+tolerance" else None
     return Check(
         runtime=runtime,
@@ -107,6 +125,7 @@ def compare(
         inputs=inputs,
         argmax_agree=int((o.argmax(1) == r.argmax(1)).sum()),
         max_abs_diff=diff,
+        within_tolerance=int((per_image <= (tol if tol is not None else float("inf"))).sum()),
         tolerance=tol,
         bit_identical=bool(torch.equal(o, r)),
         required=required,
@@ -121,8 +140,9 @@ def enforce(check: Check) -> None:
         "logits are not bit-identical"
         if check.required == "bit-identical"
         else f"argmax differs on {check.images - check.argmax_agree} of {check.images} images"
-        if check.argmax_agree != check.images
-        else f"max abs logit difference {check.max_abs_diff:.3g} exceeds {check.tolerance:.3g}"
+        if check.images - check.argmax_agree > check.allowed_flips
+        else f"{check.images - check.within_tolerance} of {check.images} images differ by more "
+        f"than {check.tolerance:.3g} (max {check.max_abs_diff:.3g})"
     )
     raise RecuError(
         f"the exported model does not reproduce recu's output in {check.runtime}: {what}; "
