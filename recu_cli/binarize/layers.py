@@ -29,6 +29,20 @@ class Quantized(NamedTuple):
     w2: torch.Tensor  # ReCU(W1) = clamp(W1, -Q, Q)
 
 
+def centred(w: torch.Tensor) -> torch.Tensor:
+    """W0 = W - mean(W) per output channel: what sign() binarizes, and stage 1's weights."""
+    return w - w.mean(dim=(1, 2, 3), keepdim=True)
+
+
+def shift_by_threshold(x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """x - beta per input channel (the RSign threshold), or x when there is none.
+
+    sign_pos of the result is +1 exactly where x >= beta: IEEE subtraction gives 0 only
+    for x == beta, so training, deploy form and runtimes agree bit for bit.
+    """
+    return x if beta is None else x - beta.view(1, -1, 1, 1).to(x.dtype)
+
+
 def recu_threshold(b_hat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Q(tau) = -b_hat * ln(2 - 2 tau): the tau-quantile of Laplace(0, b_hat); +inf at tau = 1."""
     return -b_hat * torch.log(2.0 - 2.0 * tau)
@@ -198,14 +212,11 @@ class ReCUConv2d(nn.Conv2d):
 
         Called when stage 2 starts, so that alpha * sign(W0) continues stage 1's W0.
         """
-        w0 = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        w0 = centred(self.weight)
         self.alpha.copy_(w0.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1).to(self.alpha.dtype))
 
     def shifted_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x - beta per input channel (the RSign threshold), or x when there is none."""
-        if self.act_threshold is None:
-            return x
-        return x - self.act_threshold.view(1, -1, 1, 1).to(x.dtype)
+        return shift_by_threshold(x, self.act_threshold)
 
     @property
     def gain(self) -> float:
@@ -246,13 +257,8 @@ class ReCUConv2d(nn.Conv2d):
             self.shifted_input(x), rescale=self.training and self.rescale_activations
         )
         if not self.binarize_weights:  # stage 1: real centred weights, no alpha
-            w0 = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
-            out = F.conv2d(xb, w0.to(xb.dtype), None, self.stride, self.padding, self.dilation,
-                           self.groups)  # fmt: skip
-            if self.bias is not None:
-                out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
-            return out
-        if self.alpha_mode == "learned":
+            wb, alpha = centred(self.weight).to(xb.dtype), None
+        elif self.alpha_mode == "learned":
             wb = _ReCUWeightSign.apply(
                 self.weight, self.tau, self.gain, self.standardize, self.clamp
             )
@@ -261,7 +267,8 @@ class ReCUConv2d(nn.Conv2d):
             w2 = self.quantize().w2
             wb, alpha = weight_sign_ste(w2), self.effective_alpha(w2)
         out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
-        out = out * alpha
+        if alpha is not None:
+            out = out * alpha
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
@@ -336,10 +343,7 @@ class BinaryConv2d(nn.Module):
         return self.weight_sign
 
     def shifted_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x - beta per input channel; sign_pos of it is +1 exactly where x >= beta."""
-        if self.act_threshold is None:
-            return x
-        return x - self.act_threshold.view(1, -1, 1, 1).to(x.dtype)
+        return shift_by_threshold(x, self.act_threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         out = F.conv2d(
