@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -13,6 +14,8 @@ from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.errors import RecuError
 from recu_cli.runtime.base import GroupedConv, RuntimeConv, WithBatchNorm
 from recu_cli.runtime.fold import Epilogue, fold_epilogue
+
+FP_LAYER_MODES = ("exact", "int8")  # how the full-precision layers run (fp_int8.py)
 
 ENGINES = ("torch", "xnor", "int8")
 # Children (conv, bn) that converted ResNet blocks apply back to back: bnN(convN(x)).
@@ -158,7 +161,14 @@ def binary_sites(model: nn.Module) -> list[Site]:
 
 
 def to_runtime(
-    model: nn.Module, engine: str, *, fold_bn: bool = True, channels_last: bool = False
+    model: nn.Module,
+    engine: str,
+    *,
+    fold_bn: bool = True,
+    channels_last: bool = False,
+    fuse: bool = True,
+    fp_layers: str = "exact",
+    calibration: Iterable[torch.Tensor] | None = None,
 ) -> nn.Module:
     """A deep copy on the CPU, in eval mode, with every BinaryConv2d run by `engine`.
 
@@ -169,9 +179,18 @@ def to_runtime(
       shortcuts) run faster, and the outputs then equal the float model's in NHWC, which
       can differ from its NCHW outputs in the last bits (a different float summation order
       in oneDNN's convs); in a BNN such a bit can flip a sign downstream.
+    fuse: with "xnor", channels_last and fold_bn, run whole Bi-Real basic blocks and the
+      ResNet stem's BatchNorm / activation / max-pool in fused C++ kernels (fused.py): the
+      fast path, still bit-identical to the float model in NHWC.
+    fp_layers: "exact" keeps the full-precision layers (stem, 1x1 shortcuts, classifier) as
+      they are; "int8" runs them through oneDNN int8 (fp_int8.py), calibrated on the model
+      inputs in `calibration`: faster, no longer exact.
     "torch" returns the copy unchanged (the float deploy form), whatever the flags.
     """
     check_engine(engine)
+    if fp_layers not in FP_LAYER_MODES:
+        modes = ", ".join(FP_LAYER_MODES)
+        raise RecuError(f"--fp-layers must be one of {modes}, not {fp_layers!r}")
     if not any(isinstance(m, BinaryConv2d) for m in model.modules()):
         raise RecuError(
             "the model has no BinaryConv2d layers; convert it first (recu convert) or load a "
@@ -192,4 +211,15 @@ def to_runtime(
                 site.parent._modules[site.bn_key] = nn.Identity()  # type: ignore[index]
     if channels_last:
         out = out.to(memory_format=torch.channels_last)
+    if fp_layers == "int8":
+        from recu_cli.runtime.fp_int8 import quantize_float_layers
+
+        if calibration is None:
+            raise RecuError("fp_layers='int8' needs calibration images (recu: --data DIR)")
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        quantize_float_layers(out, (x.contiguous(memory_format=fmt) for x in calibration))
+    if channels_last and fuse and fold_bn and engine == "xnor":
+        from recu_cli.runtime.fused import fuse_model
+
+        fuse_model(out)
     return out.eval()

@@ -80,10 +80,14 @@ def exact_bn_terms(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, tupl
     c = fma32(-mean, a, beta)
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(1, cout, 1, 256, generator=gen) * torch.logspace(-3, 3, 256)
-    want = F.batch_norm(probe, mean, var, gamma, beta, False, 0.0, bn.eps)
     got = fma32(probe, a.view(1, -1, 1, 1), c.view(1, -1, 1, 1))
     params = (mean, var, gamma, beta, float(bn.eps))
-    return (a, c, params) if torch.equal(want, got) else None
+    for layout in (torch.contiguous_format, torch.channels_last):  # ATen has a kernel for each
+        want = F.batch_norm(probe.contiguous(memory_format=layout), mean, var, gamma, beta, False,
+                            0.0, bn.eps)  # fmt: skip
+        if not torch.equal(want, got):
+            return None
+    return a, c, params
 
 
 def fold_epilogue(layer: BinaryConv2d, bn: nn.BatchNorm2d | None = None) -> Epilogue | None:

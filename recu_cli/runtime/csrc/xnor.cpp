@@ -14,14 +14,18 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/batch_norm.h>
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define RECU_X86 1
@@ -37,6 +41,7 @@ using u64 = uint64_t;
 constexpr int64_t NB = 32;        // output channels per weight block
 constexpr int MR = 4;             // output pixels per micro-tile
 constexpr int64_t TILES_PER_TASK = 16;
+constexpr int64_t BAND_FLOATS = 32768;  // output floats per band of a fused block (128 KB)
 static_assert(MR == 4, "tile_avx512 loads exactly four pixel rows");
 
 enum Isa : int64_t { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
@@ -81,7 +86,10 @@ int64_t resolve_isa(int64_t isa) {
 
 struct PackGeom {
   int64_t N, C, H, W, ph, pw, Hp, Wp, CW;
+  const float* beta;  // per-channel activation threshold (RSign): bit = x >= beta; nullptr: 0
 };
+
+inline float thr(const PackGeom& g, int64_t c) { return g.beta ? g.beta[c] : 0.f; }
 
 // One (n, h) image row; x is NHWC (channels contiguous per pixel).
 void pack_row_nhwc_generic(const float* x, u64* out, const PackGeom& g) {
@@ -91,7 +99,7 @@ void pack_row_nhwc_generic(const float* x, u64* out, const PackGeom& g) {
     for (int64_t cw = 0; cw < g.CW; ++cw) {
       const int64_t c0 = cw * 64, c1 = std::min(g.C, c0 + 64);
       u64 word = 0;
-      for (int64_t c = c0; c < c1; ++c) word |= static_cast<u64>(px[c] >= 0.f) << (c - c0);
+      for (int64_t c = c0; c < c1; ++c) word |= static_cast<u64>(px[c] >= thr(g, c)) << (c - c0);
       po[cw] = word;
     }
   }
@@ -105,7 +113,7 @@ void pack_row_nchw_generic(const float* x, u64* out, const PackGeom& g) {
     for (int64_t w = 0; w < g.W; ++w) {
       u64 word = 0;
       for (int64_t c = c0; c < c1; ++c)
-        word |= static_cast<u64>(x[c * plane + w] >= 0.f) << (c - c0);
+        word |= static_cast<u64>(x[c * plane + w] >= thr(g, c)) << (c - c0);
       out[w * g.CW + cw] = word;
     }
   }
@@ -125,7 +133,8 @@ T512 void pack_row_nhwc_avx512(const float* x, u64* out, const PackGeom& g) {
         const int64_t rem = g.C - c;
         const __mmask16 lm = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
         const __m512 v = _mm512_maskz_loadu_ps(lm, px + c);
-        const __mmask16 k = _mm512_mask_cmp_ps_mask(lm, v, zero, _CMP_GE_OQ);
+        const __m512 b = g.beta ? _mm512_maskz_loadu_ps(lm, g.beta + c) : zero;
+        const __mmask16 k = _mm512_mask_cmp_ps_mask(lm, v, b, _CMP_GE_OQ);
         word |= static_cast<u64>(k) << (16 * j);
       }
       po[cw] = word;
@@ -145,7 +154,8 @@ T512 void pack_row_nchw_avx512(const float* x, u64* out, const PackGeom& g) {
       __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
       for (int64_t c = c0; c < c1; ++c) {
         const __m512 v = _mm512_maskz_loadu_ps(lm, x + c * plane + w0);
-        const __mmask16 k = _mm512_mask_cmp_ps_mask(lm, v, zero, _CMP_GE_OQ);
+        const __m512 b = g.beta ? _mm512_set1_ps(g.beta[c]) : zero;
+        const __mmask16 k = _mm512_mask_cmp_ps_mask(lm, v, b, _CMP_GE_OQ);
         const __m512i bit = _mm512_set1_epi64(static_cast<long long>(u64(1) << (c - c0)));
         lo = _mm512_mask_or_epi64(lo, __mmask8(k & 0xFF), lo, bit);
         hi = _mm512_mask_or_epi64(hi, __mmask8(k >> 8), hi, bit);
@@ -162,6 +172,14 @@ T512 void pack_row_nchw_avx512(const float* x, u64* out, const PackGeom& g) {
 // Convolution micro-kernels: MR pixels x 32 output channels, implicit im2col on packed rows
 // ------------------------------------------------------------------------------------------
 
+enum Act : int64_t { ACT_NONE = 0, ACT_RELU = 1, ACT_HARDTANH = 2, ACT_PRELU = 3 };
+
+struct ActSpec {
+  int64_t kind;    // Act code
+  float lo, hi;    // hardtanh bounds
+  const float* w;  // per-channel PReLU slopes
+};
+
 struct ConvGeom {
   int64_t N, Hp, Wp, CW, kh, kw, sh, sw, dh, dw, Ho, Wo, Cout, CB, nxc;
   bool nhwc_out;         // output memory order: NHWC (channels_last) or NCHW
@@ -176,7 +194,27 @@ struct ConvGeom {
   const int32_t* xmap;   // [Wo] column class
   float* out;
   int64_t toff[64];      // tap offsets in words (kh*kw <= 64)
+  // Fused block epilogue (conv_block, NHWC only), after the BatchNorm:
+  //   v = act(v + res);  store v;  next conv's input bit = v >= nbeta
+  // in the order of the float block act(bn(conv(x)) + shortcut) and the next sign(x - beta).
+  bool post;             // any of the three below
+  const float* res;      // [N][Ho][Wo][Cout] residual (shortcut), nullptr: none
+  ActSpec act;           // the block's activation ([CB*32] PReLU slopes)
+  uint32_t* nbits;       // next conv's packed input [N][nHp][nWp][nCW] words, as 32-bit halves
+  const float* nbeta;    // [CB*32] next conv's activation threshold (zeros if it has none)
+  int64_t nHp, nWp, nCW, nph, npw;
 };
+
+// The activations exactly as ATen computes them in float32 (relu = max(v, 0),
+// hardtanh = min(max(v, lo), hi), prelu = v > 0 ? v : w * v), NaN passed through as ATen does).
+inline float activate(const ActSpec& a, float v, int64_t o) {
+  switch (a.kind) {
+    case ACT_RELU: return v < 0.f ? 0.f : v;
+    case ACT_HARDTANH: return std::min(std::max(v, a.lo), a.hi);
+    case ACT_PRELU: return v > 0.f ? v : a.w[o] * v;
+    default: return v;
+  }
+}
 
 // Pointers for the MR pixels of one tile; pixels past the end repeat the first one.
 // Output element (pixel i, channel o) lives at out[obase[i] + o * ostride].
@@ -214,6 +252,13 @@ inline float finish(const ConvGeom& g, int64_t kc, int64_t cnt, int64_t o) {
   return v;
 }
 
+// Store one pixel's nc outputs of channel block cb (values after `finish`).
+inline void store_pixel(const ConvGeom& g, const Tile& t, int i, int64_t cb, int64_t nc,
+                        const float* v) {
+  const int64_t c0 = cb * NB;
+  for (int64_t o = 0; o < nc; ++o) g.out[t.obase[i] + (c0 + o) * t.ostride] = v[o];
+}
+
 // Portable path; on x86 GCC/Clang also clone it with the POPCNT instruction (ifunc-dispatched)
 // so CPUs without AVX2 still get a hardware popcount instead of libgcc's bit tricks.
 #if RECU_X86 && defined(__GNUC__) && defined(__ELF__)
@@ -232,8 +277,9 @@ void tile_generic(const ConvGeom& g, const Tile& t, int64_t cb) {
         for (int64_t o = 0; o < NB; ++o) acc[o] += __builtin_popcountll(a ^ wp[o]);
       }
     }
-    for (int64_t o = 0; o < nc; ++o)
-      g.out[t.obase[i] + (c0 + o) * t.ostride] = finish(g, t.krow[i][c0 + o], acc[o], c0 + o);
+    float v[NB];
+    for (int64_t o = 0; o < nc; ++o) v[o] = finish(g, t.krow[i][c0 + o], acc[o], c0 + o);
+    store_pixel(g, t, i, cb, nc, v);
   }
 }
 
@@ -360,26 +406,112 @@ T256 void tile_avx2(const ConvGeom& g, const Tile& t, int64_t cb) {
       for (int v = 0; v < 4; ++v)
         _mm256_store_si256(reinterpret_cast<__m256i*>(cnt + 16 * h + 4 * v), acc[v]);
     }
-    for (int64_t o = 0; o < nc; ++o)
-      g.out[t.obase[i] + (c0 + o) * t.ostride] = finish(g, t.krow[i][c0 + o], cnt[o], c0 + o);
+    float v[NB];
+    for (int64_t o = 0; o < nc; ++o) v[o] = finish(g, t.krow[i][c0 + o], cnt[o], c0 + o);
+    store_pixel(g, t, i, cb, nc, v);
   }
 }
 #endif
 
 // Tasks are (pixel chunk, channel block) pairs, channel block fastest, so one thread walks a
 // chunk of pixels per 32-channel weight block (the block stays in L1, the rows in L2).
+// Output pixels pb..pe-1 (flat n, y, x order) only: a block runs its convs in row bands.
 template <void (*TILE)(const ConvGeom&, const Tile&, int64_t)>
-void run_tasks(const ConvGeom& g, int64_t begin, int64_t end) {
-  const int64_t M = g.N * g.Ho * g.Wo;
-  const int64_t ntiles = (M + MR - 1) / MR;
+void run_tasks(const ConvGeom& g, int64_t begin, int64_t end, int64_t pb, int64_t pe) {
+  const int64_t ntiles = (pe - pb + MR - 1) / MR;
   Tile t;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t chunk = task / g.CB, cb = task - chunk * g.CB;
     const int64_t t1 = std::min(ntiles, (chunk + 1) * TILES_PER_TASK);
     for (int64_t tile = chunk * TILES_PER_TASK; tile < t1; ++tile) {
-      make_tile(g, tile * MR, M, t);
+      make_tile(g, pb + tile * MR, pe, t);
       TILE(g, t, cb);
     }
+  }
+}
+
+// The fused block epilogue (conv_block) on output pixels p0..p1-1, right after the conv
+// tiles of those pixels stored v = bn(conv(x)) for every channel block, so the data is in L1:
+//   y = act(v + res); store y; next conv's input bit = y >= nbeta.
+// Same float operations, same order, as the float block act(bn(conv(x)) + shortcut).
+void post_generic(const ConvGeom& g, int64_t p0, int64_t p1) {
+  const int64_t hw = g.Ho * g.Wo;
+  for (int64_t p = p0; p < p1; ++p) {
+    float* o = g.out + p * g.Cout;
+    const float* r = g.res ? g.res + p * g.Cout : nullptr;
+    uint32_t* nb = nullptr;
+    if (g.nbits) {
+      const int64_t n = p / hw, rr = p - n * hw, y = rr / g.Wo, x = rr - y * g.Wo;
+      nb = g.nbits + ((n * g.nHp + y + g.nph) * g.nWp + x + g.npw) * g.nCW * 2;
+    }
+    for (int64_t c0 = 0; c0 < g.Cout; c0 += 32) {
+      uint32_t bits = 0;
+      for (int64_t c = c0; c < std::min(g.Cout, c0 + 32); ++c) {
+        float v = o[c];
+        if (r) v = v + r[c];
+        v = activate(g.act, v, c);
+        o[c] = v;
+        bits |= static_cast<uint32_t>(v >= g.nbeta[c]) << (c - c0);
+      }
+      if (nb) nb[c0 / 32] = bits;
+    }
+  }
+}
+
+#if RECU_X86
+T512 void post_avx512(const ConvGeom& g, int64_t p0, int64_t p1) {
+  const int64_t hw = g.Ho * g.Wo;
+  const __m512 lo = _mm512_set1_ps(g.act.lo), hi = _mm512_set1_ps(g.act.hi);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = p0; p < p1; ++p) {
+    float* o = g.out + p * g.Cout;
+    const float* r = g.res ? g.res + p * g.Cout : nullptr;
+    uint32_t* nb = nullptr;
+    if (g.nbits) {
+      const int64_t n = p / hw, rr = p - n * hw, y = rr / g.Wo, x = rr - y * g.Wo;
+      nb = g.nbits + ((n * g.nHp + y + g.nph) * g.nWp + x + g.npw) * g.nCW * 2;
+    }
+    uint32_t bits = 0;
+    for (int64_t c = 0; c < g.Cout; c += 16) {
+      const int64_t rem = g.Cout - c;
+      const __mmask16 m = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
+      __m512 v = _mm512_maskz_loadu_ps(m, o + c);
+      if (r) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r + c));
+      if (g.act.kind == ACT_RELU) {
+        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
+      } else if (g.act.kind == ACT_HARDTANH) {
+        v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+      } else if (g.act.kind == ACT_PRELU) {
+        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ),
+                                 _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g.act.w + c), v), v);
+      }
+      _mm512_mask_storeu_ps(o + c, m, v);
+      const __mmask16 k = _mm512_mask_cmp_ps_mask(m, v, _mm512_maskz_loadu_ps(m, g.nbeta + c),
+                                                  _CMP_GE_OQ);
+      bits |= static_cast<uint32_t>(k) << (c & 31);
+      if ((c & 31) == 16 || c + 16 >= g.Cout) {
+        if (nb) nb[c / 32] = bits;
+        bits = 0;
+      }
+    }
+  }
+}
+#endif
+
+// conv_block's schedule: a task is one chunk of pixels through every channel block, then the
+// fused epilogue on that chunk while it is in cache.
+template <void (*TILE)(const ConvGeom&, const Tile&, int64_t), void (*POST)(const ConvGeom&, int64_t, int64_t)>
+void run_chunks_post(const ConvGeom& g, int64_t begin, int64_t end, int64_t pb, int64_t pe) {
+  Tile t;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t p0 = pb + chunk * TILES_PER_TASK * MR;
+    const int64_t p1 = std::min(pe, p0 + TILES_PER_TASK * MR);
+    for (int64_t cb = 0; cb < g.CB; ++cb)
+      for (int64_t p = p0; p < p1; p += MR) {
+        make_tile(g, p, p1, t);
+        TILE(g, t, cb);
+      }
+    POST(g, p0, p1);
   }
 }
 
@@ -388,40 +520,220 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
               "recu xnor: ", name, " must be a contiguous float32 CPU tensor");
 }
 
-at::Tensor pack_impl(const at::Tensor& x, int64_t ph, int64_t pw, int64_t isa) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
-              "recu xnor: input must be a 4-D float32 CPU tensor");
-  PackGeom g{x.size(0), x.size(1), x.size(2), x.size(3), ph, pw, 0, 0, 0};
-  g.Hp = g.H + 2 * ph;
-  g.Wp = g.W + 2 * pw;
-  g.CW = (g.C + 63) / 64;
-  const bool nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
-  at::Tensor xc = nhwc ? x : x.contiguous();
-  at::Tensor out = at::zeros({g.N, g.Hp, g.Wp, g.CW}, x.options().dtype(at::kLong));
-  const float* xp = xc.data_ptr<float>();
-  u64* op = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
-  isa = resolve_isa(isa);
-  at::parallel_for(0, g.N * g.H, 8, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t n = r / g.H, h = r - n * g.H;
-      u64* orow = op + ((n * g.Hp + h + ph) * g.Wp + pw) * g.CW;
-      if (nhwc) {
-        const float* xr = xp + (n * g.H + h) * g.W * g.C;
+// Packing of one activation tensor, runnable in row ranges (rows are n * H + h).
+struct Packer {
+  PackGeom g;
+  bool nhwc;
+  at::Tensor xc, out;
+  const float* xp;
+  u64* op;
+  int64_t isa;
+
+  Packer(const at::Tensor& x, int64_t ph, int64_t pw, int64_t isa_, const float* beta) {
+    TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                "recu xnor: input must be a 4-D float32 CPU tensor");
+    g = PackGeom{x.size(0), x.size(1), x.size(2), x.size(3), ph, pw, 0, 0, 0, beta};
+    g.Hp = g.H + 2 * ph;
+    g.Wp = g.W + 2 * pw;
+    g.CW = (g.C + 63) / 64;
+    nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+    xc = nhwc ? x : x.contiguous();
+    out = at::zeros({g.N, g.Hp, g.Wp, g.CW}, x.options().dtype(at::kLong));
+    xp = xc.data_ptr<float>();
+    op = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
+    isa = resolve_isa(isa_);
+  }
+
+  void rows(int64_t rb, int64_t re) const {
+    if (re <= rb) return;
+    at::parallel_for(rb, re, 8, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / g.H, h = r - n * g.H;
+        u64* orow = op + ((n * g.Hp + h + g.ph) * g.Wp + g.pw) * g.CW;
+        if (nhwc) {
+          const float* xr = xp + (n * g.H + h) * g.W * g.C;
 #if RECU_X86
-        if (isa == AVX512) { pack_row_nhwc_avx512(xr, orow, g); continue; }
+          if (isa == AVX512) { pack_row_nhwc_avx512(xr, orow, g); continue; }
 #endif
-        pack_row_nhwc_generic(xr, orow, g);
-      } else {
-        const float* xr = xp + n * g.C * g.H * g.W + h * g.W;
+          pack_row_nhwc_generic(xr, orow, g);
+        } else {
+          const float* xr = xp + n * g.C * g.H * g.W + h * g.W;
 #if RECU_X86
-        if (isa == AVX512) { pack_row_nchw_avx512(xr, orow, g); continue; }
+          if (isa == AVX512) { pack_row_nchw_avx512(xr, orow, g); continue; }
 #endif
-        pack_row_nchw_generic(xr, orow, g);
+          pack_row_nchw_generic(xr, orow, g);
+        }
       }
-    }
-  });
-  return out;
+    });
+  }
+};
+
+at::Tensor pack_impl(const at::Tensor& x, int64_t ph, int64_t pw, int64_t isa,
+                     const float* beta = nullptr) {
+  Packer p(x, ph, pw, isa, beta);
+  p.rows(0, p.g.N * p.g.H);
+  return p.out;
 }
+
+const float* opt_float(const c10::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_cpu_float(*t, name);
+  TORCH_CHECK(t->numel() == numel, "recu xnor: ", name, " must have ", numel, " values");
+  return t->data_ptr<float>();
+}
+
+// The geometry, weights and epilogue of one conv on packed activations `a` (padded already).
+ConvGeom conv_geom(const at::Tensor& a, const at::Tensor& wpk, int64_t cout, int64_t kh,
+                   int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                   const at::Tensor& ktab, const at::Tensor& s, const c10::optional<at::Tensor>& t,
+                   const c10::optional<at::Tensor>& bn_a, const c10::optional<at::Tensor>& bn_c,
+                   const at::Tensor& ymap, const at::Tensor& xmap) {
+  TORCH_CHECK(a.scalar_type() == at::kLong && a.is_contiguous() && a.dim() == 4,
+              "recu xnor: packed activations must be contiguous int64 [N, Hp, Wp, CW]");
+  TORCH_CHECK(bn_a.has_value() == bn_c.has_value(), "recu xnor: give both bn_a and bn_c or neither");
+  TORCH_CHECK(ktab.scalar_type() == at::kLong && ktab.is_contiguous() && ktab.dim() == 3,
+              "recu xnor: ktab must be contiguous int64 [nyc, nxc, Cpad]");
+  TORCH_CHECK(wpk.scalar_type() == at::kLong && wpk.is_contiguous() && wpk.dim() == 5,
+              "recu xnor: packed weights must be int64 [CB, kh, kw, CW, 32]");
+  TORCH_CHECK(ymap.scalar_type() == at::kInt && xmap.scalar_type() == at::kInt &&
+                  ymap.is_contiguous() && xmap.is_contiguous(),
+              "recu xnor: ymap/xmap must be contiguous int32");
+  TORCH_CHECK(kh * kw <= 64, "recu xnor: kernels with more than 64 taps are not supported");
+  ConvGeom g{};
+  g.N = a.size(0);
+  g.Hp = a.size(1);
+  g.Wp = a.size(2);
+  g.CW = a.size(3);
+  g.kh = kh; g.kw = kw; g.sh = sh; g.sw = sw; g.dh = dh; g.dw = dw;
+  g.Ho = (g.Hp - dh * (kh - 1) - 1) / sh + 1;
+  g.Wo = (g.Wp - dw * (kw - 1) - 1) / sw + 1;
+  g.Cout = cout;
+  g.CB = (cout + NB - 1) / NB;
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "recu xnor: input smaller than the kernel");
+  TORCH_CHECK(wpk.size(0) == g.CB && wpk.size(1) == kh && wpk.size(2) == kw &&
+                  wpk.size(3) == g.CW && wpk.size(4) == NB,
+              "recu xnor: packed weights do not match the input channels or kernel");
+  TORCH_CHECK(ymap.numel() == g.Ho && xmap.numel() == g.Wo, "recu xnor: ymap/xmap size");
+  const int64_t cp = g.CB * NB;
+  TORCH_CHECK(ktab.size(2) == cp, "recu xnor: ktab must be padded to a multiple of 32 channels");
+  g.nxc = ktab.size(1);
+  for (int64_t y = 0; y < kh; ++y)
+    for (int64_t x = 0; x < kw; ++x) g.toff[y * kw + x] = (y * dh * g.Wp + x * dw) * g.CW;
+  g.a = reinterpret_cast<const u64*>(a.data_ptr<int64_t>());
+  g.wt = reinterpret_cast<const u64*>(wpk.data_ptr<int64_t>());
+  g.ktab = ktab.data_ptr<int64_t>();
+  TORCH_CHECK(s.numel() == cp, "recu xnor: s must be padded to a multiple of 32 channels");
+  check_cpu_float(s, "s");
+  g.s = s.data_ptr<float>();
+  g.t = opt_float(t, cp, "t");
+  g.bn_a = opt_float(bn_a, cp, "bn_a");
+  g.bn_c = opt_float(bn_c, cp, "bn_c");
+  g.ymap = ymap.data_ptr<int32_t>();
+  g.xmap = xmap.data_ptr<int32_t>();
+  return g;
+}
+
+void run_conv(const ConvGeom& g, int64_t isa, int64_t pb = 0, int64_t pe = -1) {
+  if (pe < 0) pe = g.N * g.Ho * g.Wo;
+  if (pe <= pb) return;
+  const int64_t nchunks = ((pe - pb + MR - 1) / MR + TILES_PER_TASK - 1) / TILES_PER_TASK;
+  if (g.post) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+#if RECU_X86
+      if (isa == AVX512) return run_chunks_post<tile_avx512, post_avx512>(g, b, e, pb, pe);
+      if (isa == AVX2) return run_chunks_post<tile_avx2, post_generic>(g, b, e, pb, pe);
+#endif
+      run_chunks_post<tile_generic, post_generic>(g, b, e, pb, pe);
+    });
+    return;
+  }
+  at::parallel_for(0, nchunks * g.CB, 1, [&](int64_t b, int64_t e) {
+#if RECU_X86
+    if (isa == AVX512) return run_tasks<tile_avx512>(g, b, e, pb, pe);
+    if (isa == AVX2) return run_tasks<tile_avx2>(g, b, e, pb, pe);
+#endif
+    run_tasks<tile_generic>(g, b, e, pb, pe);
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Stem tail: BatchNorm, activation and max-pool in one pass over an NHWC tensor
+// ------------------------------------------------------------------------------------------
+
+struct PoolGeom {
+  int64_t N, C, H, W, Ho, Wo, k, s, p;
+  const float* x;
+  const float* bn_a;  // nullptr: no BatchNorm
+  const float* bn_c;
+  ActSpec act;
+  float* out;
+};
+
+inline float bn_act(const PoolGeom& g, float v, int64_t c) {
+  if (g.bn_a) v = std::fma(v, g.bn_a[c], g.bn_c[c]);
+  return activate(g.act, v, c);
+}
+
+void pool_row_generic(const PoolGeom& g, int64_t n, int64_t oy) {
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    float* o = g.out + ((n * g.Ho + oy) * g.Wo + ox) * g.C;
+    for (int64_t c = 0; c < g.C; ++c) {
+      float m = -INFINITY;
+      for (int64_t ky = 0; ky < g.k; ++ky) {
+        const int64_t iy = oy * g.s - g.p + ky;
+        if (iy < 0 || iy >= g.H) continue;
+        for (int64_t kx = 0; kx < g.k; ++kx) {
+          const int64_t ix = ox * g.s - g.p + kx;
+          if (ix < 0 || ix >= g.W) continue;
+          const float v = bn_act(g, g.x[((n * g.H + iy) * g.W + ix) * g.C + c], c);
+          if (v > m || std::isnan(v)) m = v;
+        }
+      }
+      o[c] = m;
+    }
+  }
+}
+
+#if RECU_X86
+T512 void pool_row_avx512(const PoolGeom& g, int64_t n, int64_t oy) {
+  const __m512 lo = _mm512_set1_ps(g.act.lo), hi = _mm512_set1_ps(g.act.hi);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    float* o = g.out + ((n * g.Ho + oy) * g.Wo + ox) * g.C;
+    for (int64_t c = 0; c < g.C; c += 16) {
+      const int64_t rem = g.C - c;
+      const __mmask16 lm = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
+      const __m512 a = g.bn_a ? _mm512_maskz_loadu_ps(lm, g.bn_a + c) : zero;
+      const __m512 b = g.bn_a ? _mm512_maskz_loadu_ps(lm, g.bn_c + c) : zero;
+      const __m512 w = g.act.kind == ACT_PRELU ? _mm512_maskz_loadu_ps(lm, g.act.w + c) : zero;
+      __m512 m = _mm512_set1_ps(-INFINITY);
+      __mmask16 nan = 0;
+      for (int64_t ky = 0; ky < g.k; ++ky) {
+        const int64_t iy = oy * g.s - g.p + ky;
+        if (iy < 0 || iy >= g.H) continue;
+        for (int64_t kx = 0; kx < g.k; ++kx) {
+          const int64_t ix = ox * g.s - g.p + kx;
+          if (ix < 0 || ix >= g.W) continue;
+          __m512 v = _mm512_maskz_loadu_ps(lm, g.x + ((n * g.H + iy) * g.W + ix) * g.C + c);
+          if (g.bn_a) v = _mm512_fmadd_ps(v, a, b);
+          if (g.act.kind == ACT_RELU) {
+            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
+          } else if (g.act.kind == ACT_HARDTANH) {
+            v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+          } else if (g.act.kind == ACT_PRELU) {
+            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ),
+                                     _mm512_mul_ps(w, v), v);
+          }
+          nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          m = _mm512_max_ps(m, v);
+        }
+      }
+      m = _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN));  // max-pool propagates NaN
+      _mm512_mask_storeu_ps(o + c, lm, m);
+    }
+  }
+}
+#endif
 
 // ------------------------------------------------------------------------------------------
 // Ops
@@ -429,6 +741,12 @@ at::Tensor pack_impl(const at::Tensor& x, int64_t ph, int64_t pw, int64_t isa) {
 
 at::Tensor pack_activations(const at::Tensor& x, int64_t ph, int64_t pw, int64_t isa) {
   return pack_impl(x, ph, pw, isa);
+}
+
+// The input bits of a binary conv with an activation threshold: bit = x >= beta (sign(x - beta)).
+at::Tensor pack_thresholded(const at::Tensor& x, int64_t ph, int64_t pw,
+                            const c10::optional<at::Tensor>& beta, int64_t isa) {
+  return pack_impl(x, ph, pw, isa, opt_float(beta, x.size(1), "beta"));
 }
 
 // w: float [Cout, Cin, kh, kw] (+-1); returns int64 [CB, kh, kw, CW, 32] with bit = (w >= 0).
@@ -460,69 +778,294 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& wpk, int64_t cout, int64_
                 const at::Tensor& ymap, const at::Tensor& xmap, int64_t isa) {
   isa = resolve_isa(isa);
   at::Tensor a = pack_impl(x, ph, pw, isa);
-  check_cpu_float(s, "s");
-  if (t.has_value()) check_cpu_float(*t, "t");
-  TORCH_CHECK(bn_a.has_value() == bn_c.has_value(), "recu xnor: give both bn_a and bn_c or neither");
-  if (bn_a.has_value()) {
-    check_cpu_float(*bn_a, "bn_a");
-    check_cpu_float(*bn_c, "bn_c");
-  }
-  TORCH_CHECK(ktab.scalar_type() == at::kLong && ktab.is_contiguous() && ktab.dim() == 3,
-              "recu xnor: ktab must be contiguous int64 [nyc, nxc, Cpad]");
-  TORCH_CHECK(wpk.scalar_type() == at::kLong && wpk.is_contiguous() && wpk.dim() == 5,
-              "recu xnor: packed weights must be int64 [CB, kh, kw, CW, 32]");
-  TORCH_CHECK(ymap.scalar_type() == at::kInt && xmap.scalar_type() == at::kInt &&
-                  ymap.is_contiguous() && xmap.is_contiguous(),
-              "recu xnor: ymap/xmap must be contiguous int32");
-  TORCH_CHECK(kh * kw <= 64, "recu xnor: kernels with more than 64 taps are not supported");
-  ConvGeom g{};
-  g.N = a.size(0);
-  g.Hp = a.size(1);
-  g.Wp = a.size(2);
-  g.CW = a.size(3);
-  g.kh = kh; g.kw = kw; g.sh = sh; g.sw = sw; g.dh = dh; g.dw = dw;
-  g.Ho = (g.Hp - dh * (kh - 1) - 1) / sh + 1;
-  g.Wo = (g.Wp - dw * (kw - 1) - 1) / sw + 1;
-  g.Cout = cout;
-  g.CB = (cout + NB - 1) / NB;
-  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "recu xnor: input smaller than the kernel");
-  TORCH_CHECK(wpk.size(0) == g.CB && wpk.size(1) == kh && wpk.size(2) == kw &&
-                  wpk.size(3) == g.CW && wpk.size(4) == NB,
-              "recu xnor: packed weights do not match the input channels or kernel");
-  TORCH_CHECK(ymap.numel() == g.Ho && xmap.numel() == g.Wo, "recu xnor: ymap/xmap size");
-  const int64_t cp = g.CB * NB;
-  TORCH_CHECK(s.numel() == cp && (!t.has_value() || t->numel() == cp) &&
-                  (!bn_a.has_value() || (bn_a->numel() == cp && bn_c->numel() == cp)) &&
-                  ktab.size(2) == cp,
-              "recu xnor: s/t/ktab must be padded to a multiple of 32 channels");
-  g.nxc = ktab.size(1);
-  for (int64_t y = 0; y < kh; ++y)
-    for (int64_t x = 0; x < kw; ++x) g.toff[y * kw + x] = (y * dh * g.Wp + x * dw) * g.CW;
-  g.a = reinterpret_cast<const u64*>(a.data_ptr<int64_t>());
-  g.wt = reinterpret_cast<const u64*>(wpk.data_ptr<int64_t>());
-  g.ktab = ktab.data_ptr<int64_t>();
-  g.s = s.data_ptr<float>();
-  g.t = t.has_value() ? t->data_ptr<float>() : nullptr;
-  g.bn_a = bn_a.has_value() ? bn_a->data_ptr<float>() : nullptr;
-  g.bn_c = bn_c.has_value() ? bn_c->data_ptr<float>() : nullptr;
-  g.ymap = ymap.data_ptr<int32_t>();
-  g.xmap = xmap.data_ptr<int32_t>();
+  ConvGeom g = conv_geom(a, wpk, cout, kh, kw, sh, sw, dh, dw, ktab, s, t, bn_a, bn_c, ymap, xmap);
   g.nhwc_out = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
   at::Tensor out = at::empty(
       {g.N, cout, g.Ho, g.Wo},
       x.options().memory_format(g.nhwc_out ? at::MemoryFormat::ChannelsLast
                                            : at::MemoryFormat::Contiguous));
   g.out = out.data_ptr<float>();
-  const int64_t M = g.N * g.Ho * g.Wo;
-  const int64_t nchunks = ((M + MR - 1) / MR + TILES_PER_TASK - 1) / TILES_PER_TASK;
-  at::parallel_for(0, nchunks * g.CB, 1, [&](int64_t b, int64_t e) {
+  run_conv(g, isa);
+  return out;
+}
+
+// One binary conv of a Bi-Real block with the block's float work fused into its epilogue
+// (NHWC): out = act(bn(conv(a)) + residual), and, if emit_bits, the packed input of the next
+// binary conv (its threshold next_beta, its zero padding next_ph/next_pw), so that each block
+// reads and writes its activations once. `a` comes from pack_thresholded or an earlier
+// conv_block. Returns (out, next bits or an empty tensor).
+struct BlockCall {
+  ConvGeom g;
+  at::Tensor out, bits, zeros_beta;  // keep what g points into alive
+};
+
+BlockCall prepare_block(
+    const at::Tensor& a, const at::Tensor& wpk, int64_t cout, int64_t kh, int64_t kw, int64_t sh,
+    int64_t sw, int64_t dh, int64_t dw, const at::Tensor& ktab, const at::Tensor& s,
+    const c10::optional<at::Tensor>& t, const c10::optional<at::Tensor>& bn_a,
+    const c10::optional<at::Tensor>& bn_c, const at::Tensor& ymap, const at::Tensor& xmap,
+    const c10::optional<at::Tensor>& residual, int64_t act, double act_lo, double act_hi,
+    const c10::optional<at::Tensor>& act_w, bool emit_bits,
+    const c10::optional<at::Tensor>& next_beta, int64_t next_ph, int64_t next_pw) {
+  BlockCall c;
+  ConvGeom& g = c.g;
+  g = conv_geom(a, wpk, cout, kh, kw, sh, sw, dh, dw, ktab, s, t, bn_a, bn_c, ymap, xmap);
+  TORCH_CHECK(act >= ACT_NONE && act <= ACT_PRELU, "recu xnor: unknown activation code ", act);
+  const int64_t cp = g.CB * NB;
+  g.nhwc_out = true;
+  g.post = true;
+  g.act = ActSpec{act, static_cast<float>(act_lo), static_cast<float>(act_hi),
+                  opt_float(act_w, cp, "act_w")};
+  TORCH_CHECK(act != ACT_PRELU || g.act.w, "recu xnor: PReLU needs act_w");
+  auto opts = a.options().dtype(at::kFloat);
+  c.out = at::empty({g.N, cout, g.Ho, g.Wo}, opts.memory_format(at::MemoryFormat::ChannelsLast));
+  g.out = c.out.data_ptr<float>();
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat && r.dim() == 4 &&
+                    r.size(0) == g.N && r.size(1) == cout && r.size(2) == g.Ho &&
+                    r.size(3) == g.Wo && r.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "recu xnor: residual must be a channels_last float32 tensor shaped like the output");
+    g.res = r.data_ptr<float>();
+  }
+  if (emit_bits) {
+    g.nph = next_ph;
+    g.npw = next_pw;
+    g.nHp = g.Ho + 2 * next_ph;
+    g.nWp = g.Wo + 2 * next_pw;
+    g.nCW = (cout + 63) / 64;
+    c.bits = at::zeros({g.N, g.nHp, g.nWp, g.nCW}, a.options());
+    g.nbits = reinterpret_cast<uint32_t*>(c.bits.data_ptr<int64_t>());
+    g.nbeta = opt_float(next_beta, cp, "next_beta");
+  } else {
+    c.bits = at::empty({0}, a.options());
+  }
+  if (!g.nbeta) {
+    c.zeros_beta = at::zeros({cp}, opts);
+    g.nbeta = c.zeros_beta.data_ptr<float>();
+  }
+  return c;
+}
+
+// One binary conv of a Bi-Real block with the block's float work fused into its epilogue
+// (NHWC): out = act(bn(conv(a)) + residual), and, if emit_bits, the packed input of the next
+// binary conv (its threshold next_beta, its zero padding next_ph/next_pw), so that each block
+// reads and writes its activations once. `a` comes from pack_thresholded or an earlier
+// conv_block. Returns (out, next bits or an empty tensor).
+std::tuple<at::Tensor, at::Tensor> conv_block(
+    const at::Tensor& a, const at::Tensor& wpk, int64_t cout, int64_t kh, int64_t kw, int64_t sh,
+    int64_t sw, int64_t dh, int64_t dw, const at::Tensor& ktab, const at::Tensor& s,
+    const c10::optional<at::Tensor>& t, const c10::optional<at::Tensor>& bn_a,
+    const c10::optional<at::Tensor>& bn_c, const at::Tensor& ymap, const at::Tensor& xmap,
+    const c10::optional<at::Tensor>& residual, int64_t act, double act_lo, double act_hi,
+    const c10::optional<at::Tensor>& act_w, bool emit_bits,
+    const c10::optional<at::Tensor>& next_beta, int64_t next_ph, int64_t next_pw, int64_t isa) {
+  isa = resolve_isa(isa);
+  BlockCall c = prepare_block(a, wpk, cout, kh, kw, sh, sw, dh, dw, ktab, s, t, bn_a, bn_c, ymap,
+                              xmap, residual, act, act_lo, act_hi, act_w, emit_bits, next_beta,
+                              next_ph, next_pw);
+  run_conv(c.g, isa);
+  return {c.out, c.bits};
+}
+
+// BatchNorm (fma(x, a, c), as fold.py checks against ATen), activation and a k x k max-pool
+// (stride s, padding p, k = 0: none) of an NHWC tensor in one pass: the stem's tail.
+at::Tensor bn_act_pool(const at::Tensor& x, const c10::optional<at::Tensor>& bn_a,
+                       const c10::optional<at::Tensor>& bn_c, int64_t act, double act_lo,
+                       double act_hi, const c10::optional<at::Tensor>& act_w, int64_t pk,
+                       int64_t ps, int64_t pp, int64_t isa) {
+  isa = resolve_isa(isa);
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "recu xnor: bn_act_pool needs a channels_last float32 CPU tensor");
+  TORCH_CHECK(bn_a.has_value() == bn_c.has_value(), "recu xnor: give both bn_a and bn_c or neither");
+  TORCH_CHECK(act >= ACT_NONE && act <= ACT_PRELU, "recu xnor: unknown activation code ", act);
+  PoolGeom g{};
+  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  if (pk == 0) { pk = 1; ps = 1; pp = 0; }
+  TORCH_CHECK(pk > 0 && ps > 0 && pp >= 0 && 2 * pp <= pk, "recu xnor: bad pooling geometry");
+  g.k = pk; g.s = ps; g.p = pp;
+  g.Ho = (g.H + 2 * pp - pk) / ps + 1;
+  g.Wo = (g.W + 2 * pp - pk) / ps + 1;
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "recu xnor: input smaller than the pooling window");
+  g.x = x.data_ptr<float>();
+  g.bn_a = opt_float(bn_a, g.C, "bn_a");
+  g.bn_c = opt_float(bn_c, g.C, "bn_c");
+  g.act = ActSpec{act, static_cast<float>(act_lo), static_cast<float>(act_hi),
+                  opt_float(act_w, g.C, "act_w")};
+  TORCH_CHECK(act != ACT_PRELU || g.act.w, "recu xnor: PReLU needs act_w");
+  at::Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  g.out = out.data_ptr<float>();
+  at::parallel_for(0, g.N * g.Ho, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / g.Ho, oy = r - n * g.Ho;
 #if RECU_X86
-    if (isa == AVX512) return run_tasks<tile_avx512>(g, b, e);
-    if (isa == AVX2) return run_tasks<tile_avx2>(g, b, e);
+      if (isa == AVX512) { pool_row_avx512(g, n, oy); continue; }
 #endif
-    run_tasks<tile_generic>(g, b, e);
+      pool_row_generic(g, n, oy);
+    }
   });
   return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// XnorBlock: a whole Bi-Real basic block behind one call
+// ------------------------------------------------------------------------------------------
+
+// A torch custom class rather than an op: a block has ~60 parameters, and passing them
+// through the dispatcher on every call cost ~15 us per conv (more than the conv itself on
+// 7x7 maps). The object keeps them once; forward takes only the activations.
+struct BlockConv {
+  at::Tensor wpk, ktab, s, ymap, xmap;
+  c10::optional<at::Tensor> t, bn_a, bn_c, act_w, beta;
+  int64_t cout = 0, kh = 0, kw = 0, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, act = 0;
+  double lo = 0, hi = 0;
+
+  BlockCall prepare(const at::Tensor& a, const at::Tensor& residual, const BlockConv* next) const {
+    return prepare_block(a, wpk, cout, kh, kw, sh, sw, dh, dw, ktab, s, t, bn_a, bn_c, ymap, xmap,
+                         residual, act, lo, hi, act_w, next != nullptr,
+                         next ? next->beta : c10::nullopt, next ? next->ph : 0,
+                         next ? next->pw : 0);
+  }
+};
+
+struct XnorBlock : torch::CustomClassHolder {
+  BlockConv conv[2];
+  c10::optional<at::Tensor> in_beta;  // conv1's threshold, unpadded [Cin]
+  // Downsample shortcut computed here with the same ATen ops nn.Conv2d / nn.BatchNorm2d call.
+  bool has_ds = false;
+  at::Tensor ds_w, ds_mean, ds_var;
+  c10::optional<at::Tensor> ds_bias, ds_bn_w, ds_bn_b;
+  std::vector<int64_t> ds_stride, ds_pad, ds_dil;
+  double ds_eps = 1e-5;
+  int64_t isa = -1;
+  int64_t band_floats = BAND_FLOATS;
+
+  void set_band(int64_t floats) { band_floats = floats; }
+
+  void set_conv(int64_t i, at::Tensor wpk, int64_t cout, int64_t kh, int64_t kw, int64_t sh,
+                int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, at::Tensor ktab,
+                at::Tensor s, c10::optional<at::Tensor> t, c10::optional<at::Tensor> bn_a,
+                c10::optional<at::Tensor> bn_c, at::Tensor ymap, at::Tensor xmap, int64_t act,
+                double lo, double hi, c10::optional<at::Tensor> act_w,
+                c10::optional<at::Tensor> beta) {
+    TORCH_CHECK(i == 0 || i == 1, "recu xnor: a block has convs 0 and 1");
+    BlockConv& c = conv[i];
+    c.wpk = wpk; c.cout = cout; c.kh = kh; c.kw = kw; c.sh = sh; c.sw = sw; c.ph = ph; c.pw = pw;
+    c.dh = dh; c.dw = dw; c.ktab = ktab; c.s = s; c.t = t; c.bn_a = bn_a; c.bn_c = bn_c;
+    c.ymap = ymap; c.xmap = xmap; c.act = act; c.lo = lo; c.hi = hi; c.act_w = act_w;
+    c.beta = beta;  // padded to the previous conv's 32-channel blocks (conv 1), unused (conv 0)
+  }
+
+  void set_input(c10::optional<at::Tensor> beta, int64_t isa_code) {
+    in_beta = beta;
+    isa = resolve_isa(isa_code);
+  }
+
+  void set_downsample(at::Tensor w, c10::optional<at::Tensor> bias, std::vector<int64_t> stride,
+                      std::vector<int64_t> pad, std::vector<int64_t> dil,
+                      c10::optional<at::Tensor> bn_w, c10::optional<at::Tensor> bn_b,
+                      at::Tensor mean, at::Tensor var, double eps) {
+    has_ds = true;
+    ds_w = w; ds_bias = bias; ds_stride = stride; ds_pad = pad; ds_dil = dil;
+    ds_bn_w = bn_w; ds_bn_b = bn_b; ds_mean = mean; ds_var = var; ds_eps = eps;
+  }
+
+  // x: NHWC float32; shortcut: the block's shortcut when Python computed it (else None).
+  at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& shortcut) const {
+    at::Tensor sc;
+    if (shortcut.has_value()) {
+      sc = *shortcut;
+    } else if (has_ds) {
+      sc = at::batch_norm(at::conv2d(x, ds_w, ds_bias, ds_stride, ds_pad, ds_dil, 1), ds_bn_w,
+                          ds_bn_b, ds_mean, ds_var, false, 0.1, ds_eps, true);
+      sc = sc.contiguous(at::MemoryFormat::ChannelsLast);
+    } else {
+      sc = x;
+    }
+    const Packer pk(x, conv[0].ph, conv[0].pw, isa, opt_float(in_beta, x.size(1), "beta"));
+    const BlockCall c1 = conv[0].prepare(pk.out, sc, &conv[1]);
+    const BlockCall c2 = conv[1].prepare(c1.bits, c1.out, nullptr);
+    run_banded(pk, c1.g, c2.g);
+    return c2.out;
+  }
+
+  // Depth first, in bands of output rows: pack the input rows a band needs, run conv1 on the
+  // rows conv2 needs, then conv2, so that each band's activations are still in cache when the
+  // next step reads them (layer1 of a ResNet-18 holds three 800 KB tensors, more than L2).
+  void run_banded(const Packer& pk, const ConvGeom& g1, const ConvGeom& g2) const {
+    const int64_t H = pk.g.H, H1 = g1.Ho, W1 = g1.Wo, H2 = g2.Ho, W2 = g2.Wo;
+    const int64_t band = std::max<int64_t>(1, band_floats / std::max<int64_t>(1, W2 * g2.Cout));
+    for (int64_t n = 0; n < g2.N; ++n) {
+      int64_t x_done = 0, o1_done = 0;
+      for (int64_t o2 = 0; o2 < H2; o2 += band) {
+        const int64_t r2 = std::min(H2, o2 + band);
+        const int64_t r1 = std::min(H1, rows_needed(g2, r2, conv[1].ph));
+        const int64_t rx = std::min(H, rows_needed(g1, r1, conv[0].ph));
+        pk.rows(n * H + x_done, n * H + rx);
+        x_done = std::max(x_done, rx);
+        run_conv(g1, isa, (n * H1 + o1_done) * W1, (n * H1 + r1) * W1);
+        o1_done = std::max(o1_done, r1);
+        run_conv(g2, isa, (n * H2 + o2) * W2, (n * H2 + r2) * W2);
+      }
+    }
+  }
+
+  // How many unpadded input rows the first r output rows of a conv read.
+  static int64_t rows_needed(const ConvGeom& g, int64_t r, int64_t ph) {
+    return (r - 1) * g.sh + g.dh * (g.kh - 1) - ph + 1;
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// u8 quantization of the input of an int8 full-precision layer (--fp-layers int8)
+// ------------------------------------------------------------------------------------------
+
+// q = clamp(nearbyint(x / scale) + zp, 0, 255), as torch.quantize_per_tensor rounds; ATen's
+// version needs a second pass (int_repr) to give the plain uint8 tensor oneDNN takes.
+void quantize_range_generic(const float* x, uint8_t* q, int64_t n, float inv, int32_t zp) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv) + static_cast<float>(zp);
+    q[i] = static_cast<uint8_t>(std::min(255.f, std::max(0.f, v)));
+  }
+}
+
+#if RECU_X86
+T512 void quantize_range_avx512(const float* x, uint8_t* q, int64_t n, float inv, int32_t zp) {
+  const __m512 vi = _mm512_set1_ps(inv), vz = _mm512_set1_ps(static_cast<float>(zp));
+  const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(255.f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, vz), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  quantize_range_generic(x + i, q + i, n - i, inv, zp);
+}
+#endif
+
+at::Tensor quantize_u8(const at::Tensor& x, double scale, int64_t zp, int64_t isa) {
+  isa = resolve_isa(isa);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "recu xnor: quantize_u8 needs a float32 CPU tensor");
+  const bool nhwc = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xc = nhwc ? x : x.contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte).memory_format(
+                                          nhwc ? at::MemoryFormat::ChannelsLast
+                                               : at::MemoryFormat::Contiguous));
+  const float inv = 1.0f / static_cast<float>(scale);  // as ATen: float reciprocal, then x * inv
+  const float* xp = xc.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+#if RECU_X86
+    if (isa == AVX512) return quantize_range_avx512(xp + b, qp + b, e - b, inv, zp);
+#endif
+    quantize_range_generic(xp + b, qp + b, e - b, inv, zp);
+  });
+  return q;
 }
 
 int64_t detect_isa() { return best_isa(); }
@@ -538,19 +1081,40 @@ bool isa_supported(int64_t isa) {
 // CompositeImplicitAutograd ones), so that the fake kernels registered from Python
 // (recu_cli/runtime/ext.py, torch.library.register_fake) let torch.export trace them.
 TORCH_LIBRARY(recu_xnor, lib) {
+  lib.class_<recu::XnorBlock>("XnorBlock")
+      .def(torch::init<>())
+      .def("set_conv", &recu::XnorBlock::set_conv)
+      .def("set_input", &recu::XnorBlock::set_input)
+      .def("set_downsample", &recu::XnorBlock::set_downsample)
+      .def("set_band", &recu::XnorBlock::set_band)
+      .def("forward", &recu::XnorBlock::forward);
   lib.def("detect_isa() -> int", &recu::detect_isa);
   lib.def("isa_supported(int isa) -> bool", &recu::isa_supported);
   lib.def("pack_activations(Tensor x, int ph, int pw, int isa) -> Tensor");
+  lib.def("pack_thresholded(Tensor x, int ph, int pw, Tensor? beta, int isa) -> Tensor");
   lib.def("pack_weights(Tensor w) -> Tensor");
   lib.def(
       "conv(Tensor x, Tensor wpk, int cout, int kh, int kw, int sh, int sw, int ph, int pw, "
       "int dh, int dw, Tensor ktab, Tensor s, Tensor? t, Tensor? bn_a, Tensor? bn_c, Tensor ymap, "
       "Tensor xmap, int isa) "
       "-> Tensor");
+  lib.def(
+      "conv_block(Tensor a, Tensor wpk, int cout, int kh, int kw, int sh, int sw, int dh, int dw, "
+      "Tensor ktab, Tensor s, Tensor? t, Tensor? bn_a, Tensor? bn_c, Tensor ymap, Tensor xmap, "
+      "Tensor? residual, int act, float act_lo, float act_hi, Tensor? act_w, bool emit_bits, "
+      "Tensor? next_beta, int next_ph, int next_pw, int isa) -> (Tensor, Tensor)");
+  lib.def("quantize_u8(Tensor x, float scale, int zp, int isa) -> Tensor");
+  lib.def(
+      "bn_act_pool(Tensor x, Tensor? bn_a, Tensor? bn_c, int act, float act_lo, float act_hi, "
+      "Tensor? act_w, int pk, int ps, int pp, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(recu_xnor, CPU, lib) {
   lib.impl("pack_activations", &recu::pack_activations);
+  lib.impl("pack_thresholded", &recu::pack_thresholded);
   lib.impl("pack_weights", &recu::pack_weights);
   lib.impl("conv", &recu::conv);
+  lib.impl("conv_block", &recu::conv_block);
+  lib.impl("bn_act_pool", &recu::bn_act_pool);
+  lib.impl("quantize_u8", &recu::quantize_u8);
 }
