@@ -6,6 +6,7 @@ standard CIFAR crop(pad 4)+flip for small (<= 64 px) inputs.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,3 +166,15 @@ def make_loader(
         persistent_workers=workers > 0,
         generator=generator,
     )
+
+
+def calibration_images(data: DataBundle, n: int, seed: int) -> torch.Tensor:
+    """n training images (seeded choice) through the validation transforms: calibration
+    should see the data as the deployed model will, without augmentation."""
+    train = data.train if data.train is not None else data.val
+    view = copy.copy(train)
+    if hasattr(view, "transform") and hasattr(data.val, "transform"):
+        view.transform = data.val.transform
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(view), generator=gen)[: min(n, len(view))].tolist()
+    return torch.stack([view[i][0] for i in picks])

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from recu_cli.app import app, console, err_console, print_json
-from recu_cli.commands.options import Json, Quiet
+from recu_cli.commands.options import FpLayers, Json, Quiet
 from recu_cli.errors import RecuError
 
 FAST_ENGINES = ("xnor", "int8")
@@ -173,17 +173,22 @@ def bench(
     channels_last: Annotated[
         bool,
         typer.Option(
-            "--channels-last", help="Run the float baseline and the engines in NHWC memory format."
+            "--channels-last/--channels-first",
+            help="Memory format of the float baseline and the engines: NHWC (the runtime's fast "
+            "path, fused blocks) or NCHW (per-layer engines).",
         ),
-    ] = False,
+    ] = True,
+    fp_layers: FpLayers = "exact",
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
     """Time the XNOR and int8 engines against the float32 deploy form, side by side."""
-    from recu_cli.runtime import ext
+    from recu_cli.runtime import ext, keep_freed_memory
+    from recu_cli.runtime.api import check_fp_layers
     from recu_cli.runtime.benchmark import run_benchmark
     from recu_cli.runtime.cpuinfo import cpu_report
 
+    check_fp_layers(fp_layers)
     thread_list = _int_list(threads, "--threads")
     batch_list = _int_list(batch, "--batch")
     chosen, status = _engines(engine)
@@ -196,9 +201,11 @@ def bench(
         if show:
             err_console.print(f"[dim]timed {msg}[/]")
 
+    keep_freed_memory()
     results = run_benchmark(
         model, input_size, chosen, thread_list, batch_list, min_time=min_time,
         min_runs=min_runs, layers=layers, seed=seed, channels_last=channels_last, on_step=step,
+        fp_layers=fp_layers,
     )  # fmt: skip
     env = cpu_report()
     env["xnor_isa"] = ext.detected_isa() if status["xnor"][0] else None
@@ -216,6 +223,7 @@ def bench(
         "min_time_s": min_time,
         "min_runs": min_runs,
         "channels_last": channels_last,
+        "fp_layers": fp_layers,
         "results": flat,
         "settings": settings,
     }

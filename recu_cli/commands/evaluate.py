@@ -9,7 +9,7 @@ import torch
 import typer
 
 from recu_cli.app import app, console, print_json
-from recu_cli.commands.options import Json, NumClasses, Pretrained, Quiet, Weights
+from recu_cli.commands.options import FpLayers, Json, NumClasses, Pretrained, Quiet, Weights
 from recu_cli.devices import pick_device
 from recu_cli.errors import RecuError
 
@@ -35,6 +35,21 @@ def eval_cmd(
         str,
         typer.Option("--runtime", help="Inference engine for packed files: torch, xnor or int8."),
     ] = "torch",
+    fp_layers: FpLayers = "exact",
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--channels-first",
+            help="Memory format (default: NHWC, the fast path, with --runtime xnor/int8; NCHW "
+            "with torch). The runtime's logits equal the torch model's in the same format.",
+        ),
+    ] = None,
+    calib_images: Annotated[
+        int,
+        typer.Option(
+            "--calib-images", min=1, help="Training images that calibrate --fp-layers int8."
+        ),
+    ] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 256,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
     device: Annotated[
@@ -62,14 +77,10 @@ def eval_cmd(
 
         spec = read_spec(path)
         net = load(path)
-        if runtime != "torch":
-            from recu_cli.runtime import to_runtime
-
-            if dev.type != "cpu":
-                if device:
-                    raise RecuError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
-                dev = torch.device("cpu")
-            net = to_runtime(net, runtime)
+        if runtime != "torch" and dev.type != "cpu":
+            if device:
+                raise RecuError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
+            dev = torch.device("cpu")
         name = str(path)
     else:
         if runtime != "torch":
@@ -90,6 +101,13 @@ def eval_cmd(
             f"{name} predicts {spec.num_classes} classes but {data} has {len(bundle.classes)}; "
             "evaluate on data with the same classes (or --num-classes for a new head)"
         )
+    if fp_layers != "exact" and runtime == "torch":
+        raise RecuError("--fp-layers applies to --runtime xnor or int8")
+    nhwc = runtime != "torch" if channels_last is None else channels_last
+    if runtime != "torch":
+        net = _runtime_model(net, runtime, nhwc, fp_layers, data, spec, calib_images)
+    elif nhwc:
+        net = net.to(memory_format=torch.channels_last)
     loader = make_loader(bundle.val, batch_size, workers)
     net = net.to(dev)
     result = evaluate(
@@ -103,3 +121,22 @@ def eval_cmd(
             f"{name} on {bundle.source}: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
             f"({result.images} images, loss {result.loss:.4f})"
         )
+
+
+def _runtime_model(net, runtime: str, nhwc: bool, fp_layers: str, data: str, spec, n: int):
+    """The packed model on recu's runtime; --fp-layers int8 calibrated on training images."""
+    from recu_cli.data import build_data, calibration_images
+    from recu_cli.runtime import keep_freed_memory, to_runtime
+    from recu_cli.runtime.api import check_fp_layers
+
+    check_fp_layers(fp_layers)
+    calibration = None
+    if fp_layers == "int8":
+        try:
+            bundle = build_data(data, spec, train=True)
+        except RecuError:  # no train/ split: the validation images are all there is
+            bundle = build_data(data, spec, train=False)
+        calibration = list(calibration_images(bundle, n, seed=0).split(64))
+    keep_freed_memory()
+    return to_runtime(net, runtime, channels_last=nhwc, fp_layers=fp_layers,
+                      calibration=calibration)  # fmt: skip

@@ -100,3 +100,14 @@ def convert_config(
         clamp=not plain_sign,
         act_threshold=act_threshold,
     )
+
+
+FpLayers = Annotated[
+    str,
+    typer.Option(
+        "--fp-layers",
+        help="How the runtime runs the full-precision layers (stem, 1x1 shortcuts, classifier): "
+        "'exact' (float32, outputs identical to the float model) or 'int8' (oneDNN, calibrated "
+        "on real images: faster, not exact; see docs/performance.md).",
+    ),
+]

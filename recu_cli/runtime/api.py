@@ -28,6 +28,12 @@ def check_engine(engine: str) -> str:
     return engine
 
 
+def check_fp_layers(mode: str) -> str:
+    if mode not in FP_LAYER_MODES:
+        raise RecuError(f"--fp-layers must be one of {', '.join(FP_LAYER_MODES)}, not {mode!r}")
+    return mode
+
+
 def available(engine: str) -> tuple[bool, str]:
     """Can this engine run here, and a short reason (what it uses, or why not)."""
     check_engine(engine)
@@ -188,9 +194,7 @@ def to_runtime(
     "torch" returns the copy unchanged (the float deploy form), whatever the flags.
     """
     check_engine(engine)
-    if fp_layers not in FP_LAYER_MODES:
-        modes = ", ".join(FP_LAYER_MODES)
-        raise RecuError(f"--fp-layers must be one of {modes}, not {fp_layers!r}")
+    check_fp_layers(fp_layers)
     if not any(isinstance(m, BinaryConv2d) for m in model.modules()):
         raise RecuError(
             "the model has no BinaryConv2d layers; convert it first (recu convert) or load a "

@@ -150,14 +150,13 @@ def _engine(
     layers: bool,
 ) -> EngineResult:
     """One engine at one setting: exactness per layer, layer and end-to-end timings."""
-    r_in = _capture(runtime, [s.name for s in sites], x)
     exact = True
     for row, site in zip(rows, sites, strict=True):
         fast = fast_mods[site.name]
         row.bit_exact[engine] = ok = _dots_exact(fast, site, f_in[site.name])
         exact &= ok
-        if layers:
-            xr = r_in[site.name]
+        if layers:  # timed alone on the float model's input (fused blocks run it in C++)
+            xr = f_in[site.name]
             row.engines[engine] = measure(lambda f=fast, x=xr: f(x), threads, min_time, min_runs)
     out = runtime(x)
     rel = float((out - ref_logits).abs().max() / ref_logits.abs().max().clamp_min(1e-12))
@@ -187,10 +186,15 @@ def run_benchmark(
     seed: int = 0,
     channels_last: bool = False,
     on_step: Callable[[str], None] | None = None,
+    fp_layers: str = "exact",
+    calibration: list[torch.Tensor] | None = None,
 ) -> list[SettingResult]:
     """Time the float deploy model and each engine's runtime model, side by side.
 
-    channels_last: run both the float baseline and the runtime models in NHWC.
+    channels_last: run both the float baseline and the runtime models in NHWC (the runtime's
+      fast path: fused blocks, runtime/fused.py).
+    fp_layers / calibration: passed to to_runtime; with "int8" the outputs are no longer
+      identical to the float model's (reported as such), the binary layers stay exact.
     """
     deploy = copy.deepcopy(deploy).cpu().eval()
     if channels_last:
@@ -199,7 +203,14 @@ def run_benchmark(
     if not sites:
         raise RecuError("the model has no BinaryConv2d layers; benchmark a converted model")
     engines = list(engines)
-    runtimes = {e: to_runtime(deploy, e, channels_last=channels_last) for e in engines}
+    if fp_layers == "int8" and calibration is None:  # timing only: the bench's own input
+        calibration = [torch.randn(8, *input_size, generator=torch.Generator().manual_seed(seed))]
+    runtimes = {
+        e: to_runtime(
+            deploy, e, channels_last=channels_last, fp_layers=fp_layers, calibration=calibration
+        )  # fmt: skip
+        for e in engines
+    }
     fast_mods = {e: dict(r.named_modules()) for e, r in runtimes.items()}
     names = [s.name for s in sites]
     results = []
