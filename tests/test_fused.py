@@ -155,19 +155,21 @@ def _random_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 def test_whole_models_fuse_and_stay_bit_identical(name) -> None:
     from recu_cli.convert import convert_model, to_deploy
     from recu_cli.models import create_model
-    from recu_cli.runtime.fused import FusedBasicBlock, FusedStemTail
+    from recu_cli.runtime.fused import FusedBasicBlock, FusedStem, FusedStemTail
 
     model, spec = create_model(name)
     deploy = _random_stats(to_deploy(convert_model(model)[0]).eval())
     size = 32 if name == "resnet20" else 64
-    x = torch.randn(2, 3, size, size).contiguous(memory_format=NHWC)
+    x = torch.randn(3, 3, size, size).contiguous(memory_format=NHWC)
     with torch.no_grad():
-        ref = copy.deepcopy(deploy).to(memory_format=NHWC)(x)
+        float_nhwc = copy.deepcopy(deploy).to(memory_format=NHWC)
         fast = to_runtime(deploy, "xnor", channels_last=True)
-        assert torch.equal(fast(x), ref)
+        assert torch.equal(fast(x), float_nhwc(x))  # batch of 3: the stem runs image by image
+        assert torch.equal(fast(x[:1]), float_nhwc(x[:1]))
     kinds = [type(m) for m in fast.modules()]
     assert kinds.count(FusedBasicBlock) == (9 if name == "resnet20" else 8)
-    assert kinds.count(FusedStemTail) == 1
+    assert kinds.count(FusedStemTail) == kinds.count(FusedStem) == 1
+    assert fast.conv1.__class__ is FusedStem and fast.conv1._per_image == {(3, 3, size, size): True}
 
 
 def test_converted_resnet20_fused_on_real_images(resnet20_weights) -> None:
@@ -217,7 +219,7 @@ def test_fp_layers_int8_is_close_and_calibrated(resnet20_weights) -> None:
         out = fast(images[:100])
     kinds = [type(m) for m in fast.modules()]
     assert kinds.count(Int8Conv2d) == 1 and kinds.count(Int8Linear) == 1  # stem, classifier
-    stem = fast.conv1
+    stem = fast.conv1.conv  # FusedStem(Int8Conv2d, tail)
     assert stem.x_scale * 255 >= float(images[100:].max() - images[100:].min()) * 0.999
     agree = (out.argmax(1) == exact[:100].argmax(1)).float().mean().item()
     assert agree >= 0.9, f"int8 float layers changed {100 - 100 * agree:.0f}% of predictions"

@@ -188,8 +188,8 @@ def register_fakes() -> None:
         return out, a.new_empty(shape)
 
     @reg("recu_xnor::bn_act_pool")
-    def _bn_act_pool(x: torch.Tensor, *rest: Any) -> torch.Tensor:
-        pk, ps, pp = rest[-4:-1]
+    def _bn_act_pool(x: torch.Tensor, *rest: Any, out: Any = None) -> torch.Tensor:
+        pk, ps, pp = rest[6:9]
         if pk == 0:
             pk, ps, pp = 1, 1, 0
         n, c, h, w = x.shape

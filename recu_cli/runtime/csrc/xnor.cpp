@@ -873,7 +873,7 @@ std::tuple<at::Tensor, at::Tensor> conv_block(
 at::Tensor bn_act_pool(const at::Tensor& x, const c10::optional<at::Tensor>& bn_a,
                        const c10::optional<at::Tensor>& bn_c, int64_t act, double act_lo,
                        double act_hi, const c10::optional<at::Tensor>& act_w, int64_t pk,
-                       int64_t ps, int64_t pp, int64_t isa) {
+                       int64_t ps, int64_t pp, int64_t isa, const c10::optional<at::Tensor>& out_) {
   isa = resolve_isa(isa);
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -894,8 +894,17 @@ at::Tensor bn_act_pool(const at::Tensor& x, const c10::optional<at::Tensor>& bn_
   g.act = ActSpec{act, static_cast<float>(act_lo), static_cast<float>(act_hi),
                   opt_float(act_w, g.C, "act_w")};
   TORCH_CHECK(act != ACT_PRELU || g.act.w, "recu xnor: PReLU needs act_w");
-  at::Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo},
-                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out;
+  if (out_.has_value()) {  // a caller's buffer, e.g. one image of a batch
+    out = *out_;
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 4 && out.size(0) == g.N &&
+                    out.size(1) == g.C && out.size(2) == g.Ho && out.size(3) == g.Wo &&
+                    out.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "recu xnor: bn_act_pool's out must be channels_last float32 of the output shape");
+  } else {
+    out = at::empty({g.N, g.C, g.Ho, g.Wo},
+                    x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
   g.out = out.data_ptr<float>();
   at::parallel_for(0, g.N * g.Ho, 4, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
@@ -1106,7 +1115,7 @@ TORCH_LIBRARY(recu_xnor, lib) {
   lib.def("quantize_u8(Tensor x, float scale, int zp, int isa) -> Tensor");
   lib.def(
       "bn_act_pool(Tensor x, Tensor? bn_a, Tensor? bn_c, int act, float act_lo, float act_hi, "
-      "Tensor? act_w, int pk, int ps, int pp, int isa) -> Tensor");
+      "Tensor? act_w, int pk, int ps, int pp, int isa, Tensor? out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(recu_xnor, CPU, lib) {
