@@ -135,6 +135,49 @@ def _render(report: dict) -> None:
         )
 
 
+def _bench_peers(
+    target: str, engine: str, threads: list[int], batches: list[int], img_size: int | None,
+    min_time: float, min_runs: int, seed: int, channels_last: bool, data: str | None,
+    json_out: bool, quiet: bool,
+) -> None:  # fmt: skip
+    """`--peers`: recu's engines next to PyTorch, ONNX Runtime and OpenVINO (recu_cli.peers)."""
+    from recu_cli.peers import run_peers
+    from recu_cli.peers.render import render
+    from recu_cli.peers.source import load_models
+    from recu_cli.runtime.cpuinfo import cpu_report
+
+    if engine == "auto":
+        from recu_cli.runtime import available
+
+        status = {e: available(e) for e in FAST_ENGINES}
+        chosen = [e for e in FAST_ENGINES if status[e][0]]
+    else:
+        chosen, status = _engines(engine)
+    models = load_models(target, img_size)
+    show = not (quiet or json_out)
+
+    def step(msg: str) -> None:
+        if show:
+            err_console.print(f"[dim]timed {msg}[/]")
+
+    result = run_peers(
+        models, chosen, status, threads, batches, data=data, min_time=min_time,
+        min_runs=min_runs, seed=seed, channels_last=channels_last, on_step=step,
+    )  # fmt: skip
+    report = {
+        "model": models.name,
+        "input_size": list(models.spec.input_size),
+        "env": cpu_report(),
+        "min_time_s": min_time,
+        "min_runs": min_runs,
+        "peers": result,
+    }
+    if json_out:
+        print_json(report)
+    else:
+        render(report, console)
+
+
 @app.command()
 def bench(
     target: Annotated[
@@ -176,6 +219,20 @@ def bench(
             "--channels-last", help="Run the float baseline and the engines in NHWC memory format."
         ),
     ] = False,
+    peers: Annotated[
+        bool,
+        typer.Option(
+            "--peers",
+            help="Instead: time the float original in PyTorch, ONNX Runtime and OpenVINO (fp32 "
+            'and int8) against recu\'s engines (pip install -e ".[peers]").',
+        ),
+    ] = False,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="With --peers: calibrate the int8 peers on its val/ (or train/)."
+        ),
+    ] = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -186,6 +243,12 @@ def bench(
 
     thread_list = _int_list(threads, "--threads")
     batch_list = _int_list(batch, "--batch")
+    if data is not None and not peers:
+        raise RecuError("--data calibrates the int8 peers; use it with --peers")
+    if peers:
+        _bench_peers(target, engine, thread_list, batch_list, img_size, min_time, min_runs,
+                     seed, channels_last, data, json_out, quiet)  # fmt: skip
+        return
     chosen, status = _engines(engine)
     model, input_size, name = _load(target)
     if img_size is not None:
