@@ -64,11 +64,14 @@ KEYS = tuple(k for f in FAMILIES for k in f.needs)
 
 
 def _importable(module: str) -> bool:
+    """Imports (quietly: nncf pulls in torch.utils.cpp_extension and its CUDA warning)."""
+    from recu_cli.peers.families import silenced
+    from recu_cli.runtime.ext import quiet_cpp_extension_log
+
     try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    except Exception:  # noqa: BLE001 - a broken install is as good as a missing one here
+        with quiet_cpp_extension_log(), silenced():
+            importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - ImportError, or a broken install: missing either way
         return False
     return True
 

@@ -56,7 +56,7 @@ class Context:
 
 
 @contextlib.contextmanager
-def _silenced() -> Any:
+def silenced() -> Any:
     """Keep stdout clean (it may carry --json): third-party progress bars and warnings go."""
     with (
         contextlib.redirect_stdout(io.StringIO()),
@@ -76,7 +76,7 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], path: Path) 
         "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}},
         "opset_version": 18,
     }
-    with _silenced(), torch.no_grad():
+    with silenced(), torch.no_grad():
         try:  # the TorchScript exporter: fast, and folds BN (what users get from most recipes)
             torch.onnx.export(model, (x,), str(path), dynamo=False, **kwargs)
         except TypeError:  # a torch without the dynamo switch
@@ -164,7 +164,7 @@ def _ort_quantize(ctx: Context) -> Path:
 
     out = ctx.workdir / "ort_int8.onnx"
     logging.getLogger("root").setLevel(logging.ERROR)
-    with _silenced():
+    with silenced():
         quantize_static(
             str(ctx.onnx_file()), str(out), Reader(ctx.calib), quant_format=QuantFormat.QDQ,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -217,7 +217,7 @@ def openvino_family(ctx: Context, keys: set[str]) -> dict[str, Entry]:
 def _nncf_quantize(model: Any, ctx: Context) -> Any:
     from recu_cli.runtime.ext import quiet_cpp_extension_log
 
-    with quiet_cpp_extension_log(), _silenced():
+    with quiet_cpp_extension_log(), silenced():
         import nncf
 
         logging.getLogger("nncf").setLevel(logging.ERROR)
