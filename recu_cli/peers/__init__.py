@@ -124,12 +124,15 @@ def run_peers(
     min_runs: int = 10,
     seed: int = 0,
     channels_last: bool = False,
+    runtime_options: dict | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> dict:
     """Time every available entry at every (threads, batch); the report (see docs/performance.md).
 
     Each setting's "ms" and "iqr_ms" hold every key of KEYS (None when skipped);
     "speedup_vs_openvino_int8" is OpenVINO int8 ms / recu ms for recu's entries.
+    channels_last and runtime_options (more keyword arguments) go to runtime.to_runtime for
+    recu's entries; the peers' layouts are fixed by their keys.
     """
     from recu_cli.peers.source import calibration_images
     from recu_cli.runtime.benchmark import measure
@@ -141,7 +144,10 @@ def run_peers(
     deploy_ref = deploy.to(memory_format=torch.channels_last) if channels_last else deploy
     settings = []
     with tempfile.TemporaryDirectory(prefix="recu-peers-") as tmp:
-        ctx = Context(float_model, deploy, input_size, calib, Path(tmp), engines, channels_last)
+        ctx = Context(
+            float_model, deploy, input_size, calib, Path(tmp), engines, channels_last,
+            dict(runtime_options or {}),
+        )  # fmt: skip
         entries, skipped = _build(ctx, engine_status)
         for th in threads:
             for b in batches:

@@ -45,7 +45,7 @@ class Context:
     workdir: Path  # temporary; removed by the caller
     engines: list[str]  # recu engines to time
     channels_last: bool  # recu engines' layout
-    notes: list[str] = field(default_factory=list)
+    runtime_options: dict[str, Any] = field(default_factory=dict)  # more to_runtime kwargs
     _onnx: Path | None = None
 
     def onnx_file(self) -> Path:
@@ -238,7 +238,7 @@ def recu_family(ctx: Context, keys: set[str]) -> dict[str, Entry]:
         key = f"recu_{engine}"
         if key not in keys:
             continue
-        rt = to_runtime(ctx.deploy, engine, channels_last=ctx.channels_last)
+        rt = to_runtime(ctx.deploy, engine, channels_last=ctx.channels_last, **ctx.runtime_options)
         out[key] = Entry(
             f"recu {engine}, BNN, {layout}", lambda _t, _b, x, rt=rt: lambda: rt(x), "deploy"
         )
