@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -50,21 +51,21 @@ def _engines(text: str) -> tuple[list[str], dict[str, tuple[bool, str]]]:
     return chosen, status
 
 
-def _load(target: str) -> tuple[object, tuple[int, int, int], str]:
-    """(deploy model, recorded input size, display name) from a packed file or a model name."""
+def _load(target: str) -> tuple[object, object, str]:
+    """(deploy model, model spec, display name) from a packed file or a model name."""
     path = Path(target)
     if path.is_file() or target.endswith(".safetensors"):
         if not path.is_file():
             raise RecuError(f"{target} does not exist; give a packed checkpoint or a model name")
         from recu_cli.pack import load, read_spec
 
-        return load(path), tuple(read_spec(path).input_size), str(path)
+        return load(path), read_spec(path), str(path)
     from recu_cli.convert import convert_model, to_deploy
     from recu_cli.models import create_model
 
     model, spec = create_model(target)
     model, _ = convert_model(model)
-    return to_deploy(model), tuple(spec.input_size), spec.full_name
+    return to_deploy(model), spec, spec.full_name
 
 
 def _ms(t: dict | None) -> str:
@@ -135,6 +136,51 @@ def _render(report: dict) -> None:
         )
 
 
+def _bench_peers(
+    target: str, engine: str, threads: list[int], batches: list[int], img_size: int | None,
+    min_time: float, min_runs: int, seed: int, channels_last: bool, data: str | None,
+    json_out: bool, quiet: bool, fp_layers: str,
+) -> None:  # fmt: skip
+    """`--peers`: recu's engines next to PyTorch, ONNX Runtime and OpenVINO (recu_cli.peers)."""
+    from recu_cli.peers import run_peers
+    from recu_cli.peers.render import render
+    from recu_cli.peers.source import load_models
+    from recu_cli.runtime.cpuinfo import cpu_report
+
+    if engine == "auto":
+        from recu_cli.runtime import available
+
+        status = {e: available(e) for e in FAST_ENGINES}
+        chosen = [e for e in FAST_ENGINES if status[e][0]]
+    else:
+        chosen, status = _engines(engine)
+    models = load_models(target, img_size)
+    show = not (quiet or json_out)
+
+    def step(msg: str) -> None:
+        if show:
+            err_console.print(f"[dim]timed {msg}[/]")
+
+    result = run_peers(
+        models, chosen, status, threads, batches, data=data, min_time=min_time,
+        min_runs=min_runs, seed=seed, channels_last=channels_last, on_step=step,
+        runtime_options={"fp_layers": fp_layers},
+    )  # fmt: skip
+    report = {
+        "model": models.name,
+        "fp_layers": fp_layers,
+        "input_size": list(models.spec.input_size),
+        "env": cpu_report(),
+        "min_time_s": min_time,
+        "min_runs": min_runs,
+        "peers": result,
+    }
+    if json_out:
+        print_json(report)
+    else:
+        render(report, console)
+
+
 @app.command()
 def bench(
     target: Annotated[
@@ -179,6 +225,23 @@ def bench(
         ),
     ] = True,
     fp_layers: FpLayers = "exact",
+    peers: Annotated[
+        bool,
+        typer.Option(
+            "--peers",
+            help="Instead: time the float original in PyTorch, ONNX Runtime and OpenVINO (fp32 "
+            'and int8) against recu\'s engines (pip install -e ".[peers]").',
+        ),
+    ] = False,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Real images (its train/, else val/) that calibrate the int8 peers and "
+            "--fp-layers int8.",
+        ),
+    ] = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -191,8 +254,16 @@ def bench(
     check_fp_layers(fp_layers)
     thread_list = _int_list(threads, "--threads")
     batch_list = _int_list(batch, "--batch")
+    if data is not None and not peers and fp_layers != "int8":
+        raise RecuError("--data calibrates the int8 peers or --fp-layers int8; use it with those")
+    keep_freed_memory()  # every engine and peer in this process gets the same allocator
+    if peers:
+        _bench_peers(target, engine, thread_list, batch_list, img_size, min_time, min_runs,
+                     seed, channels_last, data, json_out, quiet, fp_layers)  # fmt: skip
+        return
     chosen, status = _engines(engine)
-    model, input_size, name = _load(target)
+    model, spec, name = _load(target)
+    input_size = tuple(spec.input_size)
     if img_size is not None:
         input_size = (input_size[0], img_size, img_size)
     show = not (quiet or json_out)
@@ -201,11 +272,18 @@ def bench(
         if show:
             err_console.print(f"[dim]timed {msg}[/]")
 
-    keep_freed_memory()
+    calibration = None
+    if fp_layers == "int8" and data is not None:
+        import torch
+
+        from recu_cli.peers.source import calibration_images
+
+        spec = dataclasses.replace(spec, input_size=tuple(input_size))
+        calibration = [torch.cat(calibration_images(data, spec, 16)[0])]
     results = run_benchmark(
         model, input_size, chosen, thread_list, batch_list, min_time=min_time,
         min_runs=min_runs, layers=layers, seed=seed, channels_last=channels_last, on_step=step,
-        fp_layers=fp_layers,
+        fp_layers=fp_layers, calibration=calibration,
     )  # fmt: skip
     env = cpu_report()
     env["xnor_isa"] = ext.detected_isa() if status["xnor"][0] else None
