@@ -255,7 +255,7 @@ def bench(
     thread_list = _int_list(threads, "--threads")
     batch_list = _int_list(batch, "--batch")
     if data is not None and not peers and fp_layers != "int8":
-        raise RecuError("--data calibrates the int8 peers or --fp-layers int8; use it with those")
+        raise RecuError("--data calibrates int8 models; use it with --peers or --fp-layers int8")
     keep_freed_memory()  # every engine and peer in this process gets the same allocator
     if peers:
         _bench_peers(target, engine, thread_list, batch_list, img_size, min_time, min_runs,
