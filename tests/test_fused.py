@@ -155,7 +155,7 @@ def _random_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 def test_whole_models_fuse_and_stay_bit_identical(name) -> None:
     from recu_cli.convert import convert_model, to_deploy
     from recu_cli.models import create_model
-    from recu_cli.runtime.fused import FusedBasicBlock, FusedStem, FusedStemTail
+    from recu_cli.runtime.fused import FusedBasicBlock, FusedStage, FusedStem, FusedStemTail
 
     model, spec = create_model(name)
     deploy = _random_stats(to_deploy(convert_model(model)[0]).eval())
@@ -166,8 +166,12 @@ def test_whole_models_fuse_and_stay_bit_identical(name) -> None:
         fast = to_runtime(deploy, "xnor", channels_last=True)
         assert torch.equal(fast(x), float_nhwc(x))  # batch of 3: the stem runs image by image
         assert torch.equal(fast(x[:1]), float_nhwc(x[:1]))
+        assert torch.equal(copy.deepcopy(fast)(x), float_nhwc(x))  # C++ chains rebuilt
     kinds = [type(m) for m in fast.modules()]
     assert kinds.count(FusedBasicBlock) == (9 if name == "resnet20" else 8)
+    # stages whose shortcuts all run in C++ become one chain; resnet20's option-A
+    # shortcuts (layer2, layer3) stay Python modules, so those stages stay per block
+    assert kinds.count(FusedStage) == (1 if name == "resnet20" else 4)
     assert kinds.count(FusedStemTail) == kinds.count(FusedStem) == 1
     assert fast.conv1.__class__ is FusedStem and fast.conv1._per_image == {(3, 3, size, size): True}
 

@@ -20,6 +20,8 @@ to the stems of timm, torchvision and recu ResNets. Anything else keeps the per-
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -97,9 +99,7 @@ class FusedBasicBlock(nn.Module):
         self.conv1.check_input(x)
         x = _nhwc(x.float())
         hw = (int(x.shape[-2]), int(x.shape[-1]))
-        impl = self._impl.get(hw)
-        if impl is None:
-            impl = self._build(hw)
+        impl = self.impl(hw)
         if self.downsample is None or self._native_ds:
             return impl.forward(x, None)
         return impl.forward(x, _nhwc(self.downsample(x)))
@@ -118,7 +118,9 @@ class FusedBasicBlock(nn.Module):
                 i, conv.packed_weight, conv.out_channels, *conv.kernel_size, *conv.stride,
                 *conv.padding, *conv.dilation, ktab, *conv._fwd_args, ymap, xmap, *act.args(), beta,
             )  # fmt: skip
-        impl.set_input(_threshold(c1), c1._isa_code)
+        beta1 = _threshold(c1)
+        beta1_padded = None if beta1 is None else pad_channels(beta1, BLOCK).contiguous()
+        impl.set_input(beta1, beta1_padded, c1._isa_code)
         if self._native_ds:
             conv, bn = self.downsample[0], self.downsample[1]  # type: ignore[index]
             impl.set_downsample(
@@ -129,8 +131,55 @@ class FusedBasicBlock(nn.Module):
         self._impl[hw] = impl
         return impl
 
+    def impl(self, hw: tuple[int, int]) -> torch.ScriptObject:
+        """The C++ block for inputs of size hw (built once per size)."""
+        impl = self._impl.get(hw)
+        return impl if impl is not None else self._build(hw)
+
+    def out_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """The block's output size for inputs of size hw."""
+        t1 = self.conv1.table(hw)
+        t2 = self.conv2.table((t1[1].numel(), t1[2].numel()))
+        return t2[1].numel(), t2[2].numel()
+
+    @property
+    def chainable(self) -> bool:
+        """Its shortcut runs in C++ (none, or conv + BatchNorm): it can sit in an XnorChain."""
+        return self.downsample is None or self._native_ds
+
     def extra_repr(self) -> str:  # noqa: D102
         return "fused: pack -> conv1 + bn1 + shortcut + act1 + sign -> conv2 + bn2 + add + act2"
+
+
+class FusedStage(nn.Sequential):
+    """A stage (nn.Sequential) of chainable fused blocks, run by one C++ XnorChain.
+
+    Block i's last epilogue writes block i+1's input bits, so only the first block packs
+    its input; Python is entered once per stage. The blocks stay children under their own
+    names (layer1.0.conv1, ...), so hooks and state dicts see the same tree.
+    """
+
+    def __init__(self, blocks: nn.Sequential) -> None:
+        super().__init__(OrderedDict(blocks._modules))
+        self._chains: dict[tuple[int, int], torch.ScriptObject] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_chains": {}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        first: FusedBasicBlock = self[0]  # type: ignore[assignment]
+        first.conv1.check_input(x)
+        x = _nhwc(x.float())
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        chain = self._chains.get(hw)
+        if chain is None:
+            chain = torch.classes.recu_xnor.XnorChain()
+            size = hw
+            for block in self:
+                chain.append(block.impl(size))
+                size = block.out_hw(size)
+            self._chains[hw] = chain
+        return chain.forward(x)
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -288,6 +337,14 @@ def fuse_model(model: nn.Module) -> int:
             if fused is not None:
                 parent._modules[key] = fused
                 count += 1
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if (
+                type(child) is nn.Sequential
+                and len(child) > 1
+                and all(isinstance(b, FusedBasicBlock) and b.chainable for b in child)
+            ):
+                parent._modules[key] = FusedStage(child)
     if count:
         isa = next(m for m in model.modules() if isinstance(m, FusedBasicBlock)).conv1._isa_code
         count += int(fuse_stem(model, isa))

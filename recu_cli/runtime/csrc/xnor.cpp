@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -967,8 +968,12 @@ struct XnorBlock : torch::CustomClassHolder {
     c.beta = beta;  // padded to the previous conv's 32-channel blocks (conv 1), unused (conv 0)
   }
 
-  void set_input(c10::optional<at::Tensor> beta, int64_t isa_code) {
+  // beta: conv1's threshold [Cin] (packing); beta_padded: the same padded to 32-channel blocks,
+  // for the previous block of a chain, whose last epilogue writes this block's input bits.
+  void set_input(c10::optional<at::Tensor> beta, c10::optional<at::Tensor> beta_padded,
+                 int64_t isa_code) {
     in_beta = beta;
+    conv[0].beta = beta_padded;
     isa = resolve_isa(isa_code);
   }
 
@@ -983,6 +988,14 @@ struct XnorBlock : torch::CustomClassHolder {
 
   // x: NHWC float32; shortcut: the block's shortcut when Python computed it (else None).
   at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& shortcut) const {
+    return std::get<0>(run(x, shortcut, at::Tensor(), nullptr));
+  }
+
+  // (out, input bits of `next` or an empty tensor). in_bits: this block's input bits when the
+  // previous block's last epilogue wrote them (a chain), else undefined and packed here.
+  std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& x,
+                                         const c10::optional<at::Tensor>& shortcut,
+                                         const at::Tensor& in_bits, const XnorBlock* next) const {
     at::Tensor sc;
     if (shortcut.has_value()) {
       sc = *shortcut;
@@ -993,18 +1006,23 @@ struct XnorBlock : torch::CustomClassHolder {
     } else {
       sc = x;
     }
-    const Packer pk(x, conv[0].ph, conv[0].pw, isa, opt_float(in_beta, x.size(1), "beta"));
-    const BlockCall c1 = conv[0].prepare(pk.out, sc, &conv[1]);
-    const BlockCall c2 = conv[1].prepare(c1.bits, c1.out, nullptr);
-    run_banded(pk, c1.g, c2.g);
-    return c2.out;
+    std::optional<Packer> pk;
+    at::Tensor a = in_bits;
+    if (!a.defined()) {
+      pk.emplace(x, conv[0].ph, conv[0].pw, isa, opt_float(in_beta, x.size(1), "beta"));
+      a = pk->out;
+    }
+    const BlockCall c1 = conv[0].prepare(a, sc, &conv[1]);
+    const BlockCall c2 = conv[1].prepare(c1.bits, c1.out, next ? &next->conv[0] : nullptr);
+    run_banded(pk ? &*pk : nullptr, x.size(2), c1.g, c2.g);
+    return {c2.out, c2.bits};
   }
 
   // Depth first, in bands of output rows: pack the input rows a band needs, run conv1 on the
   // rows conv2 needs, then conv2, so that each band's activations are still in cache when the
   // next step reads them (layer1 of a ResNet-18 holds three 800 KB tensors, more than L2).
-  void run_banded(const Packer& pk, const ConvGeom& g1, const ConvGeom& g2) const {
-    const int64_t H = pk.g.H, H1 = g1.Ho, W1 = g1.Wo, H2 = g2.Ho, W2 = g2.Wo;
+  void run_banded(const Packer* pk, int64_t H, const ConvGeom& g1, const ConvGeom& g2) const {
+    const int64_t H1 = g1.Ho, W1 = g1.Wo, H2 = g2.Ho, W2 = g2.Wo;
     const int64_t band = std::max<int64_t>(1, band_floats / std::max<int64_t>(1, W2 * g2.Cout));
     for (int64_t n = 0; n < g2.N; ++n) {
       int64_t x_done = 0, o1_done = 0;
@@ -1012,7 +1030,7 @@ struct XnorBlock : torch::CustomClassHolder {
         const int64_t r2 = std::min(H2, o2 + band);
         const int64_t r1 = std::min(H1, rows_needed(g2, r2, conv[1].ph));
         const int64_t rx = std::min(H, rows_needed(g1, r1, conv[0].ph));
-        pk.rows(n * H + x_done, n * H + rx);
+        if (pk) pk->rows(n * H + x_done, n * H + rx);
         x_done = std::max(x_done, rx);
         run_conv(g1, isa, (n * H1 + o1_done) * W1, (n * H1 + r1) * W1);
         o1_done = std::max(o1_done, r1);
@@ -1024,6 +1042,24 @@ struct XnorBlock : torch::CustomClassHolder {
   // How many unpadded input rows the first r output rows of a conv read.
   static int64_t rows_needed(const ConvGeom& g, int64_t r, int64_t ph) {
     return (r - 1) * g.sh + g.dh * (g.kh - 1) - ph + 1;
+  }
+};
+
+// The basic blocks of one ResNet stage behind one call: each block's last epilogue writes the
+// next block's input bits, so only the first block packs its input, and Python is entered
+// once per stage instead of once per block.
+struct XnorChain : torch::CustomClassHolder {
+  std::vector<c10::intrusive_ptr<XnorBlock>> blocks;
+
+  void append(c10::intrusive_ptr<XnorBlock> block) { blocks.push_back(std::move(block)); }
+
+  at::Tensor forward(const at::Tensor& x) const {
+    at::Tensor h = x, bits;
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const XnorBlock* next = i + 1 < blocks.size() ? blocks[i + 1].get() : nullptr;
+      std::tie(h, bits) = blocks[i]->run(h, c10::nullopt, bits, next);
+    }
+    return h;
   }
 };
 
@@ -1097,6 +1133,10 @@ TORCH_LIBRARY(recu_xnor, lib) {
       .def("set_downsample", &recu::XnorBlock::set_downsample)
       .def("set_band", &recu::XnorBlock::set_band)
       .def("forward", &recu::XnorBlock::forward);
+  lib.class_<recu::XnorChain>("XnorChain")
+      .def(torch::init<>())
+      .def("append", &recu::XnorChain::append)
+      .def("forward", &recu::XnorChain::forward);
   lib.def("detect_isa() -> int", &recu::detect_isa);
   lib.def("isa_supported(int isa) -> bool", &recu::isa_supported);
   lib.def("pack_activations(Tensor x, int ph, int pw, int isa) -> Tensor");
