@@ -105,8 +105,10 @@ def _image_folder(root: Path, spec: ModelSpec, train: bool) -> DataBundle:
 
 
 def _folder(path: Path, tf: transforms.Compose) -> datasets.ImageFolder:
+    from recu_cli.imagecheck import CheckedImageFolder
+
     try:
-        ds = datasets.ImageFolder(str(path), transform=tf)
+        ds = CheckedImageFolder(str(path), transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
         raise RecuError(
             f"{path} has no class folders with images ({str(e).splitlines()[0]}); "
@@ -154,6 +156,9 @@ def make_loader(
     drop_last: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
+    """A DataLoader whose batches carry the unreadable images they dropped (imagecheck)."""
+    from recu_cli.imagecheck import collate
+
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
@@ -164,4 +169,5 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=workers > 0,
         generator=generator,
+        collate_fn=collate,
     )
