@@ -28,7 +28,13 @@ from torch import nn
 from recu_cli.atomic import atomic_path, write_bytes
 from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.tau import tau_schedule
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
+from recu_cli.convert import (
+    ConvertConfig,
+    binary_layers,
+    check_keep,
+    convert_model,
+    set_tau,
+)
 from recu_cli.data import build_data, make_loader
 from recu_cli.devices import pick_device
 from recu_cli.distill import FeatureTap, attention_loss, distillation_loss, feature_points
@@ -460,6 +466,8 @@ class Trainer:
         original = copy.deepcopy(model) if cfg.step0_eval and not self.resuming else None
         self.teacher = self._teacher(model)
         self.convert_config = ConvertConfig.from_dict(cfg.convert)
+        if not self.resuming:
+            check_keep(model, self.convert_config.keep)
         model, self.report = convert_model(model, self.convert_config)
         if not binary_layers(model):
             raise RecuError(f"{cfg.model} has no layer to binarize; see `recu convert --dry-run`")
@@ -608,9 +616,12 @@ class Trainer:
                 return None
             teacher = copy.deepcopy(model)
         else:
-            teacher, t_spec = create_model(
-                cfg.teacher, pretrained=cfg.teacher_weights is None, weights=cfg.teacher_weights
-            )
+            try:
+                teacher, t_spec = create_model(
+                    cfg.teacher, pretrained=cfg.teacher_weights is None, weights=cfg.teacher_weights
+                )
+            except RecuError as e:  # name the flag: the message may be about MODEL otherwise
+                raise RecuError(f"--teacher: {e}", e.exit_code) from e
             if t_spec.num_classes != len(self.data.classes):
                 raise RecuError(
                     f"teacher {cfg.teacher} predicts {t_spec.num_classes} classes but "

@@ -243,6 +243,8 @@ def binarize(
             weights = DEMO_WEIGHTS  # the demo binarizes a pretrained network, as recu is for
         from recu_cli.recipes import recipe_settings
 
+        if not 0.5 < tau_min <= tau_max <= 1.0:  # before the conversion config checks tau
+            raise RecuError(f"need 0.5 < --tau-min <= --tau-max <= 1, got {tau_min} and {tau_max}")
         settings = recipe_settings(recipe, epochs)
         recipe_conv = settings.pop("convert")
         conv = convert_config(
