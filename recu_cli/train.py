@@ -399,6 +399,8 @@ class Trainer:
         try:
             if self.info.is_main:
                 self.lock = RunLock(self.run_dir).acquire()
+                for stale in self.run_dir.glob("*.tmp"):  # from a killed writer; ours now
+                    stale.unlink(missing_ok=True)
                 if not self.resuming and (self.run_dir / "resume.pt").exists():
                     raise RecuError(
                         f"{self.run_dir} already holds a run; continue it with "
