@@ -1,7 +1,8 @@
 """What `recu binarize --resume RUN` accepts besides the run folder.
 
 A resumed run continues exactly, so every setting that would change its result is
-refused (one line saying how to start a new run). What is accepted:
+refused (one line saying how to start a new run); a flag repeated with the run's own
+value is accepted. What may change:
 
 - how the run is executed: --workers, --device, --log-interval, --checkpoint-interval,
   --strict-data, --quiet, --json (the numbers do not depend on them; another kind of
@@ -17,6 +18,7 @@ Accepted changes are written to config.json and train.log.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from recu_cli.errors import RecuError
@@ -39,7 +41,11 @@ def apply_resume_flags(
     `given` maps the CLI parameter names the user typed to their values; `done` is the
     run's position (epoch, global_step) read from its resume point.
     """
-    refused = [k for k in given if k not in EXECUTION + LENGTH + NOT_SETTINGS]
+    refused = [
+        k
+        for k in given
+        if k not in EXECUTION + LENGTH + NOT_SETTINGS and not _same(cfg, k, given[k])
+    ]
     if refused:
         names = ", ".join(flag(k) for k in refused)
         raise RecuError(
@@ -74,6 +80,16 @@ def apply_resume_flags(
     new = replace(cfg, **changes)
     notes = [f"{flag(k)} {getattr(cfg, k)} -> {v}" for k, v in changes.items()]
     return new, notes
+
+
+def _same(cfg: Any, key: str, value: Any) -> bool:
+    """A flag repeated with the run's own value changes nothing: accept it."""
+    if not hasattr(cfg, key) or key in ("model", "data"):
+        return False
+    saved = getattr(cfg, key)
+    if isinstance(value, Path):
+        value = str(value.expanduser().resolve())
+    return value == saved
 
 
 def finished(cfg: Any, done: Any) -> bool:

@@ -188,6 +188,7 @@ def finished_run(tiny, weights, tmp_path_factory) -> Path:
         (["--seed", "1", "--tau-max", "0.95"], ["--seed", "--tau-max"]),
         (["--max-steps", "50"], ["--max-steps", "without a step limit"]),
         (["--epochs", "1", "--workers", "1"], ["has finished"]),
+        (["--seed", "3", "--opt", "adam"], ["has finished"]),  # the run's own values: accepted
         (["-o", "elsewhere"], ["--output", "start a new run"]),
     ],
 )
@@ -335,8 +336,8 @@ def test_sigkill_during_checkpoint_writes_loses_nothing(tiny, weights, tmp_path)
         run = tmp_path / name
         args = train_args(tiny, tmp_path, name, "--epochs", "2", "-j", "0", "-q")
         proc = popen(*args, "--checkpoint-interval", "1", "--keep-latent")
-        while proc.poll() is None:
-            if run.is_dir() and any(
+        while proc.poll() is None:  # after the first resume point (kills before: tested above)
+            if (run / "resume.pt").is_file() and any(
                 p.name.startswith(target + ".") and p.name.endswith(".tmp") for p in run.iterdir()
             ):
                 proc.send_signal(signal.SIGKILL)
@@ -345,7 +346,7 @@ def test_sigkill_during_checkpoint_writes_loses_nothing(tiny, weights, tmp_path)
         proc.wait(timeout=300)
         for packed in run.glob("*.safetensors"):  # what is there is whole and verified
             assert cli("info", str(packed)).returncode == 0
-        resumed = cli("binarize", "--resume", str(run), "--quiet", "--keep-latent")
+        resumed = cli("binarize", "--resume", str(run), "-q", "--keep-latent", "--seed", "3")
         if resumed.returncode == 2 and "has finished" in resumed.stderr:
             continue  # the kill came after the last write
         assert resumed.returncode == 0, resumed.stderr[-2000:]
