@@ -184,6 +184,7 @@ def bench(
     from recu_cli.runtime.benchmark import run_benchmark
     from recu_cli.runtime.cpuinfo import cpu_report
 
+    env = cpu_report()  # before any work: the load of the others, not of this bench
     thread_list = _int_list(threads, "--threads")
     batch_list = _int_list(batch, "--batch")
     chosen, status = _engines(engine)
@@ -200,7 +201,6 @@ def bench(
         model, input_size, chosen, thread_list, batch_list, min_time=min_time,
         min_runs=min_runs, layers=layers, seed=seed, channels_last=channels_last, on_step=step,
     )  # fmt: skip
-    env = cpu_report()
     env["xnor_isa"] = ext.detected_isa() if status["xnor"][0] else None
     settings = [r.to_dict() for r in results]
     flat = []
