@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -27,16 +28,31 @@ DEBUG = {"enabled": False}
 
 
 def print_json(obj: Any) -> None:
-    """Machine-readable output: one JSON document on stdout, nothing else."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Machine-readable output: one strict JSON document on stdout, nothing else.
+
+    NaN and infinities (a loss over no images, an accuracy that does not exist) become
+    null: Python's json writes them as bare NaN/Infinity, which strict parsers reject."""
+    text = json.dumps(strict(obj), indent=2, allow_nan=False, default=_json_default)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def strict(obj: Any) -> Any:
+    """`obj` with every non-finite float (tensor/numpy scalars included) as None."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [strict(v) for v in obj]
+    return obj
 
 
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
+        return strict(o.item())
     return str(o)
 
 

@@ -141,6 +141,8 @@ def take_images(loader: Iterable, n: int) -> torch.Tensor:
     out: list[torch.Tensor] = []
     have = 0
     for images, _ in loader:
+        if images.shape[0] == 0:  # every image of the batch was unreadable
+            continue
         out.append(images)
         have += images.shape[0]
         if have >= n:
@@ -155,4 +157,5 @@ def image_batches(loader: Iterable, n_batches: int) -> Iterator[torch.Tensor]:
     for i, (images, _) in enumerate(loader):
         if i >= n_batches:
             return
-        yield images
+        if images.shape[0]:  # 0 when every image of the batch was unreadable
+            yield images

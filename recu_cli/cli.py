@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     DEBUG["enabled"] = "--debug" in args
     try:
-        app(args=args, prog_name="recu", standalone_mode=False)
+        _command()(args=args, prog_name="recu", standalone_mode=False)
     except RecuError as e:
         if DEBUG["enabled"]:
             err_console.print_exception()
@@ -38,6 +38,32 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(1)
     sys.exit(0)
+
+
+def _command():
+    """The click command tree, with switches shown bare in --help (no `<bool>` metavar)."""
+    import typer
+
+    command = typer.main.get_command(app)
+    stack = [command]
+    while stack:
+        cmd = stack.pop()
+        stack.extend(getattr(cmd, "commands", {}).values())
+        for param in cmd.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        cmd.get_help_option = _bare_help(cmd.get_help_option)
+    return command
+
+
+def _bare_help(get_help_option):
+    def wrapped(ctx):
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return wrapped
 
 
 def _exit_for_click(e: Exception) -> None:

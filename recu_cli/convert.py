@@ -207,6 +207,17 @@ def _rewrite_block(block: nn.Module, activation: str) -> nn.Module:
     )
 
 
+def check_keep(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> None:
+    """A --keep pattern that matches no conv layer is a typo, not a choice: say so."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in convs):
+            raise RecuError(
+                f"--keep '{p}' matches no conv layer of the model (for example "
+                f"{', '.join(convs[1:4])}); list them with `recu convert MODEL --dry-run`"
+            )
+
+
 def convert_model(
     model: nn.Module, config: ConvertConfig | None = None
 ) -> tuple[nn.Module, ConversionReport]:

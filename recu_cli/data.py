@@ -106,8 +106,10 @@ def _image_folder(root: Path, spec: ModelSpec, train: bool) -> DataBundle:
 
 
 def _folder(path: Path, tf: transforms.Compose) -> datasets.ImageFolder:
+    from recu_cli.imagecheck import CheckedImageFolder
+
     try:
-        ds = datasets.ImageFolder(str(path), transform=tf)
+        ds = CheckedImageFolder(str(path), transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
         raise RecuError(
             f"{path} has no class folders with images ({str(e).splitlines()[0]}); "
@@ -155,6 +157,9 @@ def make_loader(
     drop_last: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.utils.data.DataLoader:
+    """A DataLoader whose batches carry the unreadable images they dropped (imagecheck)."""
+    from recu_cli.imagecheck import collate
+
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
@@ -165,6 +170,7 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=workers > 0,
         generator=generator,
+        collate_fn=collate,
     )
 
 
@@ -177,4 +183,7 @@ def calibration_images(data: DataBundle, n: int, seed: int) -> torch.Tensor:
         view.transform = data.val.transform
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(view), generator=gen)[: min(n, len(view))].tolist()
-    return torch.stack([view[i][0] for i in picks])
+    items = [view[i] for i in picks]
+    from recu_cli.imagecheck import BadItem
+
+    return torch.stack([it[0] for it in items if not isinstance(it, BadItem)])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from recu_cli.imagecheck import fail_on_bad
 from recu_cli.progress import make_progress
 
 
@@ -46,9 +47,11 @@ def evaluate(
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     with make_progress(quiet) as progress:
         task = progress.add_task(description, total=total, info="")
-        for i, (images, targets) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
+            fail_on_bad(batch, description)
+            images, targets = batch
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             c1, c5, batch_loss, batch_n = batch_counts(model(images), targets)

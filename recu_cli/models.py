@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import pickle
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -243,14 +244,37 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = _read_safetensors(path)
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise RecuError(
-                f"cannot read {path} as a PyTorch checkpoint ({first}); recu loads only "
-                "plain tensors (weights_only=True): re-save it as a state_dict or safetensors"
-            ) from e
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load fails in many types on junk
+            raise _unreadable_weights(path, e) from e
     return _unwrap(obj, path)
+
+
+def _unreadable_weights(path: Path, e: Exception) -> RecuError:
+    """Why torch.load(weights_only=True) refused a file, in one line with what to do:
+    a pickle holding Python objects (refused, never executed) or simply not a checkpoint."""
+    text = str(e)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    pickled = head[:1] == b"\x80" or head == b"PK\x03\x04"
+    if "Unsupported global" in text or (pickled and isinstance(e, pickle.UnpicklingError)):
+        return RecuError(
+            f"{path} contains Python objects besides tensors, refused for safety (recu loads "
+            "with weights_only=True and never runs code from a file); where you trust it, "
+            "re-save it as plain tensors: "
+            "torch.save(model.state_dict(), 'weights.pth') or safetensors"
+        )
+    if head == b"PK\x03\x04":
+        return RecuError(
+            f"{path} is a damaged PyTorch checkpoint (its zip archive is incomplete); "
+            "download or copy it again"
+        )
+    return RecuError(
+        f"{path} is not a PyTorch or safetensors checkpoint; check the --weights path "
+        "(recu reads .safetensors and torch.save files of tensors)"
+    )
 
 
 def _looks_like_safetensors(path: Path) -> bool:

@@ -27,6 +27,8 @@ from recu_cli.models import ModelSpec, create_model, few, is_known
 
 MAGIC = "recu-packed"
 FORMAT_VERSION = 2  # 2: optional <layer>.act_threshold tensors (version 1 files still load)
+# metadata "checksum" (checksum.py) is optional within version 2, so older readers still
+# read new files; a file without one loads with a note
 BITS_SUFFIX = ".weight_bits"
 LATENT_SUFFIX = ".weight"
 PLAIN_FORMATS = ("pt", "tf", "flax", "np", "mlx", "paddle")  # what other writers put there
@@ -219,8 +221,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Create the folder, then write through `atomic_path` (temp file, fsync, rename)."""
-    from safetensors.torch import save_file
+    """Create the folder, then write through `atomic_path` (temp file, fsync, rename),
+    with the checksum of header and tensor data in the metadata."""
+    from safetensors.torch import save as serialize
+
+    from recu_cli.checksum import with_checksum
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,8 +234,9 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
             f"cannot create folder {path.parent} ({e.strerror}); pick another output path"
         ) from e
     try:
+        blob = with_checksum(serialize, tensors, metadata)
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            tmp.write_bytes(blob)
     except OSError as e:
         raise RecuError(
             f"cannot write {path} ({e.strerror or e}); check space and permissions", exit_code=1
@@ -278,6 +284,7 @@ class PackedFile:
     stats: list[dict[str, Any]]
     training: dict[str, Any] | None
     history: list[dict[str, Any]] | None
+    checksum: str | None = None
 
     @property
     def has_latent(self) -> bool:
@@ -298,6 +305,7 @@ class PackedFile:
             "stats": self.stats,
             "training": self.training,
             "history": self.history,
+            "checksum": self.checksum,
         }
 
 
@@ -610,11 +618,12 @@ def _parse_stats(path: Path, d: Any, layers: list[dict[str, Any]]) -> list[dict[
     return stats
 
 
-def read(path: str | Path, *, verify: bool = True) -> PackedFile:
+def read(path: str | Path, *, verify: bool = True, checksum: bool = True) -> PackedFile:
     """Header, metadata, statistics and history of a packed file; builds no real model.
 
     verify=True also rebuilds the module tree on the meta device (no memory, no weights)
-    and checks every tensor's name and shape against the recipe.
+    and checks every tensor's name and shape against the recipe. checksum=True reads the
+    whole file once to check its checksum (last, so damage gets its specific message).
     """
     path = Path(path)
     header, header_bytes, size = _read_header(path)
@@ -658,15 +667,44 @@ def read(path: str | Path, *, verify: bool = True) -> PackedFile:
         stats=_parse_stats(path, _field(path, meta, "stats"), layers),
         training=training,
         history=_parse_list_of_dicts(path, _field(path, meta, "history"), "history", True),
+        checksum=meta.get("checksum"),
     )
     if verify:
         check_against_recipe(packed, skeleton(packed))
+    if checksum:
+        verify_checksum(packed, header)
     return packed
+
+
+_NOTED: set[str] = set()
+
+
+def verify_checksum(packed: PackedFile, header: dict[str, Any] | None = None) -> None:
+    """Check the file's checksum; a file from before checksums loads with a note."""
+    from recu_cli.checksum import KEY, verify
+
+    if header is None:
+        header, _, _ = _read_header(packed.path)
+    meta = header.get("__metadata__") or {}
+    if KEY not in meta:
+        if str(packed.path) not in _NOTED:
+            _NOTED.add(str(packed.path))
+            from recu_cli.app import err_console
+
+            err_console.print(
+                f"note: {packed.path} has no checksum (written by recu {packed.recu_version}), "
+                "so damage to it cannot be detected; write it again with this recu to add one",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        return
+    verify(packed.path, header, packed.header_bytes, meta[KEY])
 
 
 def read_spec(path: str | Path) -> ModelSpec:
     """The model spec (name, classes, input size, normalisation) of a packed file."""
-    return read(path, verify=False).spec
+    return read(path, verify=False, checksum=False).spec
 
 
 # ---------------------------------------------------------------- rebuild
@@ -816,10 +854,12 @@ def _deploy_state(packed: PackedFile, model: nn.Module) -> dict[str, torch.Tenso
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the deploy model (BinaryConv2d layers) from the file alone, in eval mode."""
-    packed = read(path, verify=False)
+    packed = read(path, verify=False, checksum=False)
     model = skeleton(packed)
     check_against_recipe(packed, model)
+    verify_checksum(packed)
     state = _deploy_state(packed, model)
+    check_finite(packed.path, state)
     with torch.device("meta"):
         model = to_deploy(model, inplace=True)
     if _materializable(model):
@@ -843,6 +883,28 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
             f"({str(e).splitlines()[0][:160]}); write it again"
         ) from e
     return model.eval()
+
+
+def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Values that no trained model holds (NaN/inf scales, negative or NaN BatchNorm
+    variance) would give NaN outputs silently: refuse them with one line."""
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        leaf = key.rpartition(".")[2]
+        if leaf == "running_var":
+            ok = bool(torch.isfinite(value).all()) and bool((value >= 0).all())
+            what = "a BatchNorm variance that is negative, NaN or infinite"
+        elif leaf in ("alpha", "running_mean", "weight", "bias", "act_threshold"):
+            ok = bool(torch.isfinite(value).all())
+            what = "NaN or infinite values"
+        else:
+            continue
+        if not ok:
+            raise RecuError(
+                f"{path}: tensor '{key[:80]}' holds {what}; the file is damaged or was "
+                "saved from a diverged run: write it again from a good run"
+            )
 
 
 def _materializable(model: nn.Module) -> bool:

@@ -6,6 +6,7 @@ last/best checkpoints and resume.pt (everything needed to continue exactly).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -27,7 +28,13 @@ from torch import nn
 from recu_cli.atomic import atomic_path, write_bytes
 from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.tau import tau_schedule
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
+from recu_cli.convert import (
+    ConvertConfig,
+    binary_layers,
+    check_keep,
+    convert_model,
+    set_tau,
+)
 from recu_cli.data import build_data, make_loader
 from recu_cli.devices import pick_device
 from recu_cli.distill import FeatureTap, attention_loss, distillation_loss, feature_points
@@ -42,14 +49,17 @@ from recu_cli.distributed import (
 )
 from recu_cli.errors import RecuError
 from recu_cli.evaluate import EvalResult, batch_counts
+from recu_cli.imagecheck import BadItem, bad_of, check_tree, collate, fail_on_bad
 from recu_cli.models import ModelSpec, create_model, reset_head
 from recu_cli.progress import make_progress
+from recu_cli.resumeclock import DEFAULT_INTERVAL, ResumeClock, parse_interval
+from recu_cli.runlock import LOCK_NAME, RunLock
 from recu_cli.sampling import EpochBatchSampler, SeededItems
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SUMMARY_FIELDS = [
     "epoch", "stage", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
-    "flip_rate", "flip_rate_tail", "flip_rate_core", "seconds", "img_per_s",
+    "flip_rate", "flip_rate_tail", "flip_rate_core", "seconds", "img_per_s", "skipped_images",
 ]  # fmt: skip
 
 
@@ -101,6 +111,9 @@ class TrainConfig:
     bn_recalib: int = 0
     calib_images: int = 256
     step0_eval: bool = True
+    # how the run is executed (--resume may change these: resume_rules.py)
+    checkpoint_interval: str = DEFAULT_INTERVAL
+    strict_data: bool = False
 
     def validate(self) -> None:
         if self.opt not in OPTIMIZERS:
@@ -135,6 +148,7 @@ class TrainConfig:
         if self.feature_kd > 0 and self.teacher == "none":
             raise RecuError("--feature-kd needs a teacher; drop --teacher none or set it to 0")
         ConvertConfig.from_dict(self.convert)
+        parse_interval(self.checkpoint_interval)
 
     @property
     def base_lr(self) -> float:
@@ -160,14 +174,40 @@ class TrainingStopped(RecuError):
     pass
 
 
-def _run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+def _run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, bool]:
+    """The run folder, created here (True) or already there (False)."""
     name = cfg.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.replace(':', '_')}"
     path = Path(cfg.output) / name
+    created = False
     if info.is_main:
-        if (path / "resume.pt").exists():
-            raise RecuError(f"{path} already holds a run; continue it with --resume {path}")
-        path.mkdir(parents=True, exist_ok=True)
-    return Path(broadcast_object(str(path), info))
+        created = not path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RecuError(
+                f"cannot create run folder {path}: a file is in the way; pick another "
+                "--output or --experiment"
+            ) from None
+        except OSError as e:
+            raise RecuError(
+                f"cannot create run folder {path} ({e.strerror}); pick a writable --output"
+            ) from None
+    return Path(broadcast_object(str(path), info)), created
+
+
+# files a fresh run writes before its first resume point (removed when its start fails)
+START_FILES = ("config.json", "train.log", "summary.csv", LOCK_NAME)
+
+
+def _discard_run_dir(path: Path) -> None:
+    """Remove a run folder this process created and that holds no resume point yet."""
+    if (path / "resume.pt").exists():
+        return
+    for f in path.iterdir():
+        if f.name in START_FILES or f.name.endswith(".tmp"):
+            f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # something else is in it: keep it
+        path.rmdir()
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -310,8 +350,36 @@ class FlipTracker:
         self.start = {n: (state[f"{n}.sign"], state[f"{n}.tail"]) for n in names}
 
 
+class SkippedImages:
+    """Unreadable training images: each named once per process, counted per epoch."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+        self.epoch = 0
+
+    def add(self, path: str) -> bool:
+        """Count one skip; True when the file is new (warn about it)."""
+        self.epoch += 1
+        new = path not in self.paths
+        self.paths.add(path)
+        return new
+
+    def state(self) -> dict[str, Any]:
+        return {"paths": sorted(self.paths), "epoch": self.epoch}
+
+    def load(self, d: dict[str, Any]) -> None:
+        self.paths = set(d.get("paths", []))
+        self.epoch = int(d.get("epoch", 0))
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, quiet: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path | None = None,
+        quiet: bool = False,
+        resume_changes: list[str] | None = None,
+    ):
         cfg.validate()
         self.cfg = cfg
         self.quiet = quiet
@@ -321,9 +389,57 @@ class Trainer:
             device = torch.device("cuda", self.info.local_rank)
         self.device = device
         self.resuming = run_dir is not None
-        self.run_dir = run_dir if run_dir is not None else _run_dir(cfg, self.info)
+        self.resume_changes = list(resume_changes or [])
+        created = False
+        if run_dir is None:
+            run_dir, created = _run_dir(cfg, self.info)
+        self.run_dir = run_dir
         self.log_file = self.run_dir / "train.log"
-        self._setup()
+        self.lock: RunLock | None = None
+        try:
+            if self.info.is_main:
+                self.lock = RunLock(self.run_dir).acquire()
+                for stale in self.run_dir.glob("*.tmp"):  # from a killed writer; ours now
+                    stale.unlink(missing_ok=True)
+                if not self.resuming and (self.run_dir / "resume.pt").exists():
+                    raise RecuError(
+                        f"{self.run_dir} already holds a run; continue it with "
+                        f"--resume {self.run_dir}"
+                    )
+            self._log_start()
+            self._setup()
+        except BaseException as e:
+            self._log_end(e)
+            self.close()
+            if created:
+                _discard_run_dir(self.run_dir)
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the process's exit would too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _log_start(self) -> None:
+        import shlex
+
+        verb = "resume" if self.resuming else "start"
+        self.log(
+            f"{verb}: recu {_version()}, pid {os.getpid()}: recu {shlex.join(sys.argv[1:])}",
+            echo=False,
+        )
+
+    def _log_end(self, e: BaseException) -> None:
+        """The last line of train.log says how the process ended."""
+        if isinstance(e, TrainingStopped) and e.exit_code == 130:
+            self.log(f"interrupted: {e}", echo=False)
+        elif isinstance(e, KeyboardInterrupt):
+            self.log("interrupted (second Ctrl-C): stopped at once", echo=False)
+        elif isinstance(e, RecuError):
+            self.log(f"error: {e}", echo=False)
+        elif isinstance(e, Exception):
+            self.log(f"error: {type(e).__name__}: {str(e)[:300]}", echo=False)
 
     # ---------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -335,6 +451,7 @@ class Trainer:
             cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained, weights=cfg.weights
         )
         self.data = build_data(cfg.data, spec, train=True)
+        check_tree(self.data.val, "the validation images")  # seconds now, not after an epoch
         n_data = len(self.data.classes)
         if spec.num_classes != n_data:
             if cfg.num_classes is not None:
@@ -351,6 +468,8 @@ class Trainer:
         original = copy.deepcopy(model) if cfg.step0_eval and not self.resuming else None
         self.teacher = self._teacher(model)
         self.convert_config = ConvertConfig.from_dict(cfg.convert)
+        if not self.resuming:
+            check_keep(model, self.convert_config.keep)
         model, self.report = convert_model(model, self.convert_config)
         if not binary_layers(model):
             raise RecuError(f"{cfg.model} has no layer to binarize; see `recu convert --dry-run`")
@@ -377,6 +496,7 @@ class Trainer:
             num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.workers > 0,
+            collate_fn=collate,
         )
         val = self.data.val
         if self.info.enabled:
@@ -405,18 +525,29 @@ class Trainer:
         self.epoch_loss = [0.0, 0.0]  # sum, count of this epoch's training loss
         self.features = self._feature_taps()
         self.step0: dict[str, Any] | None = None
+        self.skipped = SkippedImages()
+        self.clock = ResumeClock(cfg.checkpoint_interval)
         if self.resuming:
             self._load_resume()
+            if self.resume_changes:
+                self._write_config()
+                self.log("settings changed on resume: " + ", ".join(self.resume_changes))
         else:
-            if self.info.is_main:
-                payload = {
-                    "train": asdict(cfg), "model": spec.to_dict(), "recu_version": _version()
-                }  # fmt: skip
-                write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
+            self._write_config()
             with torch.random.fork_rng(devices=[]):  # leaves the training RNG stream as it was
                 self.step0 = self._start_model(original)
         del original
         self._enter_stage(stage_of(cfg, self.pos.epoch), switching=False)
+        if not self.resuming:
+            self.save_resume()  # the first resume point: a kill from here on loses little
+            self.log("resume point saved (start of training)", echo=False)
+
+    def _write_config(self) -> None:
+        if self.info.is_main:
+            payload = {
+                "train": asdict(self.cfg), "model": self.spec.to_dict(), "recu_version": _version()
+            }  # fmt: skip
+            write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
 
     # ---------------------------------------------------------------- recipe parts
     def _start_model(self, original: nn.Module | None) -> dict[str, Any]:
@@ -487,9 +618,12 @@ class Trainer:
                 return None
             teacher = copy.deepcopy(model)
         else:
-            teacher, t_spec = create_model(
-                cfg.teacher, pretrained=cfg.teacher_weights is None, weights=cfg.teacher_weights
-            )
+            try:
+                teacher, t_spec = create_model(
+                    cfg.teacher, pretrained=cfg.teacher_weights is None, weights=cfg.teacher_weights
+                )
+            except RecuError as e:  # name the flag: the message may be about MODEL otherwise
+                raise RecuError(f"--teacher: {e}", e.exit_code) from e
             if t_spec.num_classes != len(self.data.classes):
                 raise RecuError(
                     f"teacher {cfg.teacher} predicts {t_spec.num_classes} classes but "
@@ -498,14 +632,15 @@ class Trainer:
         teacher.eval().requires_grad_(False)
         return teacher.to(self.device)
 
-    def log(self, msg: str) -> None:
+    def log(self, msg: str, echo: bool = True) -> None:
+        """A line on stderr (unless quiet or echo=False) and in train.log."""
         if not self.info.is_main:
             return
         from recu_cli.app import err_console
 
-        if not self.quiet:
+        if echo and not self.quiet:
             err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
-        if hasattr(self, "log_file") and self.run_dir.exists():
+        if self.lock is not None and self.lock.held:  # only the folder's owner writes
             with open(self.log_file, "a") as f:
                 f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
 
@@ -530,11 +665,13 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "rng_python": json.dumps(random.getstate()),
             "step0": json.dumps(self.step0),
+            "skipped": json.dumps(self.skipped.state()),
         }
 
     def save_resume(self) -> None:
         if self.info.is_main:
             atomic_torch_save(self._resume_state(), self.run_dir / "resume.pt")
+        self.clock.reset()
 
     def _load_resume(self) -> None:
         path = self.run_dir / "resume.pt"
@@ -553,6 +690,10 @@ class Trainer:
         self.epoch_loss = state["epoch_loss"].tolist()
         self.flips.load(state["flips"])
         self.step0 = json.loads(state["step0"]) if "step0" in state else None
+        if "skipped" in state:
+            self.skipped.load(json.loads(state["skipped"]))
+        if self.info.is_main and self.history:
+            self._write_summary()  # a kill between resume.pt and summary.csv loses no row
         torch.set_rng_state(state["rng_torch"].cpu())
         py = json.loads(state["rng_python"])
         random.setstate((py[0], tuple(py[1]), py[2]))
@@ -586,6 +727,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        """Train to the end; train.log gets the final line (done, interrupted or error)."""
+        try:
+            result = self._fit()
+        except BaseException as e:
+            self._log_end(e)
+            raise
+        finally:
+            self.close()
+        return result
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         with (
             make_progress(self.quiet or not self.info.is_main) as progress,
@@ -614,6 +766,14 @@ class Trainer:
         shutdown(self.info)
         binary_rows = [r for r in self.history if r.get("stage", 2) == 2]
         best = max((r["val_top1"] for r in binary_rows), default=float("nan"))
+        skipped = max((int(r.get("skipped_images", 0)) for r in self.history), default=0)
+        final = self.history[-1] if self.history else {}
+        self.log(
+            f"done: {len(self.history)} epochs, last val top-1 "
+            f"{final.get('val_top1', float('nan')):.2f}%, best {best:.2f}%"
+            + (f", {skipped} unreadable training images skipped" if skipped else ""),
+            echo=False,
+        )
         return {
             "run_dir": str(self.run_dir),
             "epochs": len(self.history),
@@ -622,6 +782,7 @@ class Trainer:
             "last": _if_exists(self.run_dir / "last.safetensors"),
             "best": _if_exists(self.run_dir / "best.safetensors"),
             "step0": self.step0,
+            "skipped_images": skipped,
         }
 
     def _max_steps_reached(self) -> bool:
@@ -637,6 +798,7 @@ class Trainer:
             set_tau(self.model, self.tau_at(epoch, 0))
             self.flips.snapshot(self.model)
             self.epoch_loss = [0.0, 0.0]
+            self.skipped.epoch = 0
         self.sampler.set_epoch(epoch, pos.step_in_epoch)
         self.model.train()
         start = time.perf_counter()
@@ -655,13 +817,19 @@ class Trainer:
             if self._max_steps_reached():
                 break
             try:
-                images, targets = next(batches)
+                batch = next(batches)
             except StopIteration:
                 break
             except RuntimeError:
                 if self.stop.requested:  # Ctrl-C also ended the loader's workers
                     continue
                 raise
+            images, targets = batch
+            self._skip_bad(bad_of(batch))
+            if images.shape[0] == 0:  # every image of this batch was unreadable
+                pos.step_in_epoch += 1
+                pos.global_step += 1
+                continue
             if cfg.tau_update == "step":
                 set_tau(self.model, self.tau_at(epoch, pos.step_in_epoch))
             loss = self._step(images, targets)
@@ -678,10 +846,29 @@ class Trainer:
                     f"epoch {epoch + 1} step {pos.step_in_epoch}/{self.steps_per_epoch} "
                     f"loss {loss:.4f} lr {self._lr():.3g} {rate:.0f} img/s"
                 )
+            if pos.step_in_epoch < self.steps_per_epoch and self.clock.due(pos.global_step):
+                self.save_resume()
         self.progress.remove_task(task)
         seconds = time.perf_counter() - start
         self._end_epoch(epoch, seconds, images_seen)
         return True
+
+    def _skip_bad(self, bad) -> None:
+        """Unreadable training images: a warning per file, counted; fatal with --strict-data
+        (all ranks agree, so none waits forever for the others)."""
+        if self.cfg.strict_data:
+            n_bad = all_reduce_sum([float(len(bad))], self.info, self.device)[0]
+            if n_bad:
+                self.save_resume()
+                first = bad[0].message() if bad else "an unreadable image on another process"
+                raise TrainingStopped(
+                    f"{first} (--strict-data); remove or replace it, then continue with "
+                    f"recu binarize --resume {self.run_dir}",
+                    exit_code=1,
+                )
+        for item in bad:
+            if self.skipped.add(item.path):
+                self.log(f"warning: skipped {item.message()}")
 
     def _stop_agreed(self) -> bool:
         """All ranks stop at the same step when any of them got Ctrl-C."""
@@ -734,7 +921,9 @@ class Trainer:
         was_training = model.training
         model.eval()
         sums = [0.0, 0.0, 0.0, 0.0]  # correct1, correct5, loss_sum, n
-        for images, targets in self.val_loader:
+        for batch in self.val_loader:
+            fail_on_bad(batch)
+            images, targets = batch
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             if self.cfg.channels_last:
@@ -757,6 +946,7 @@ class Trainer:
         sync_buffers(self.model, self.info)
         val = self._validate()
         loss_sum, count = all_reduce_sum(self.epoch_loss, self.info, self.device)
+        skipped = all_reduce_sum([float(self.skipped.epoch)], self.info, self.device)[0]
         flips = self.flips.rates(self.model)
         row = {
             "epoch": epoch + 1,
@@ -771,6 +961,7 @@ class Trainer:
             **flips,
             "seconds": seconds,
             "img_per_s": images_seen * self.info.world_size / max(seconds, 1e-9),
+            "skipped_images": int(skipped),
         }
         self.history.append(row)
         self.pos.epoch += 1
@@ -779,13 +970,14 @@ class Trainer:
         is_best = binary and val.top1 > self.pos.best_top1
         if is_best:
             self.pos.best_top1 = val.top1
-        if self.info.is_main:
-            self._write_summary()
+        if self.info.is_main:  # summary.csv last: it never lists an epoch that is not saved
             if binary:
                 self._save_checkpoint("last", row)
             if is_best:
                 self._save_checkpoint("best", row)
         self.save_resume()
+        if self.info.is_main:
+            self._write_summary()
         barrier(self.info)
         self.log(
             f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}  "
@@ -815,7 +1007,8 @@ class Trainer:
         writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         for r in self.history:
-            writer.writerow({k: _fmt(r[k]) for k in SUMMARY_FIELDS})
+            old = {"skipped_images": 0}  # rows of runs started before the column existed
+            writer.writerow({k: _fmt(r.get(k, old.get(k, ""))) for k in SUMMARY_FIELDS})
         write_bytes(self.run_dir / "summary.csv", buf.getvalue().encode())
 
 
@@ -861,7 +1054,8 @@ def calibration_images(data, n: int, seed: int) -> torch.Tensor:
         view.transform = data.val.transform
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(view), generator=gen)[: min(n, len(view))].tolist()
-    return torch.stack([view[i][0] for i in picks])
+    items = [view[i] for i in picks]
+    return torch.stack([it[0] for it in items if not isinstance(it, BadItem)])
 
 
 def describe_step0(step0: dict[str, Any]) -> str:
@@ -889,6 +1083,12 @@ def _version() -> str:
 
 def load_run_config(run_dir: Path) -> TrainConfig:
     path = run_dir / "config.json"
+    if path.is_file() and not (run_dir / "resume.pt").is_file():
+        raise RecuError(
+            f"{run_dir} was stopped before its first resume point (written when training "
+            "starts), so there is nothing to continue; start it again with the same "
+            f"command (its settings are in {path})"
+        )
     if not (run_dir / "resume.pt").is_file() or not path.is_file():
         raise RecuError(
             f"{run_dir} is not a resumable run (needs config.json and resume.pt); "
@@ -899,3 +1099,16 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         return TrainConfig.from_dict(payload["train"])
     except (ValueError, KeyError, TypeError) as e:
         raise RecuError(f"{path} is damaged ({e}); start a new run") from e
+
+
+def read_position(run_dir: Path) -> Position:
+    """Where a run's resume point is (memory-mapped: reads only the small part)."""
+    path = run_dir / "resume.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return Position(**state["position"])
+    except Exception as e:  # noqa: BLE001 - any damage means the same thing to the user
+        raise RecuError(
+            f"cannot resume from {path} ({type(e).__name__}); the file is damaged or from "
+            "another run: start a new run"
+        ) from e

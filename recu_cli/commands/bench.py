@@ -252,6 +252,7 @@ def bench(
     from recu_cli.runtime.cpuinfo import cpu_report
 
     check_fp_layers(fp_layers)
+    env = cpu_report()  # before any work: the load of the others, not of this bench
     thread_list = _int_list(threads, "--threads")
     batch_list = _int_list(batch, "--batch")
     if data is not None and not peers and fp_layers != "int8":
@@ -285,7 +286,6 @@ def bench(
         min_runs=min_runs, layers=layers, seed=seed, channels_last=channels_last, on_step=step,
         fp_layers=fp_layers, calibration=calibration,
     )  # fmt: skip
-    env = cpu_report()
     env["xnor_isa"] = ext.detected_isa() if status["xnor"][0] else None
     settings = [r.to_dict() for r in results]
     flat = []

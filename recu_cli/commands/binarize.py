@@ -26,6 +26,7 @@ from recu_cli.commands.options import (
 )
 from recu_cli.errors import RecuError
 from recu_cli.recipes import DEFAULT_RECIPE, RECIPE_HELP
+from recu_cli.resumeclock import DEFAULT_INTERVAL
 
 ADVICE = (
     RECIPE_HELP + " Both use ReCU's weight path (standardization, clamp, tau 0.85 -> 0.99 "
@@ -37,6 +38,7 @@ ADVICE = (
 
 @app.command(epilog=ADVICE)
 def binarize(
+    ctx: typer.Context,
     model: Annotated[
         str | None, typer.Argument(help="Model name (resnet18, tv:resnet18, resnet20, ...).")
     ] = None,
@@ -52,7 +54,12 @@ def binarize(
     recipe: Annotated[
         str, typer.Option("--recipe", help="'finetune' (short fine-tune) or 'paper'.")
     ] = DEFAULT_RECIPE,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs in total.")] = 6,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            "--epochs", min=1, help="Epochs in total (with --resume: a larger number trains on)."
+        ),
+    ] = 6,
     stage1_epochs: Annotated[
         int | None,
         typer.Option(
@@ -114,7 +121,10 @@ def binarize(
             help="'self' (the original model), 'none', or a model name (with --teacher-weights).",
         ),
     ] = "self",
-    teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights")] = None,
+    teacher_weights: Annotated[
+        Path | None,
+        typer.Option("--teacher-weights", help="Local weights of the --teacher model."),
+    ] = None,
     kd_weight: Annotated[
         float,
         typer.Option("--kd-weight", help="Share of the distillation loss (1 = distillation only)."),
@@ -164,13 +174,37 @@ def binarize(
     amp_dtype: Annotated[
         str, typer.Option("--amp-dtype", help="bf16 (default) or fp16 (with a grad scaler).")
     ] = "bf16",
-    channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last", help="NHWC memory layout (faster on some GPUs).")
+    ] = False,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 42,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
-    device: Annotated[str | None, typer.Option("--device")] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of data order, augmentation and initialisation.")
+    ] = 42,
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", min=0, help="Data loader processes.")
+    ] = 2,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="cpu, cuda, cuda:N (default: cuda if present)."),
+    ] = None,
+    checkpoint_interval: Annotated[
+        str,
+        typer.Option(
+            "--checkpoint-interval",
+            help="Resume point every N steps (500) or every so long (10m, 90s, 1h) inside an "
+            "epoch, besides the start and each epoch end; 0 = only those.",
+        ),
+    ] = DEFAULT_INTERVAL,
+    strict_data: Annotated[
+        bool,
+        typer.Option(
+            "--strict-data",
+            help="Stop at the first unreadable training image (default: skip it with a warning).",
+        ),
+    ] = False,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Parent folder of run folders.")
     ] = Path("output"),
@@ -191,15 +225,15 @@ def binarize(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune MODEL as a ReCU binary network; writes a run folder with packed checkpoints."""
-    from recu_cli.train import TrainConfig, Trainer, load_run_config
+    from recu_cli.train import TrainConfig, Trainer
 
     if resume is not None:
         if model is not None or data is not None:
             raise RecuError(
                 "--resume continues a run with its saved settings; drop MODEL and --data"
             )
-        cfg = load_run_config(resume)
-        trainer = Trainer(cfg, run_dir=resume, quiet=quiet or json_out)
+        trainer = _resumed(ctx, resume, quiet or json_out)
+        cfg = trainer.cfg
     else:
         if model is None or data is None:
             raise RecuError("give MODEL and --data DIR (or --resume RUN_DIR)")
@@ -209,6 +243,8 @@ def binarize(
             weights = DEMO_WEIGHTS  # the demo binarizes a pretrained network, as recu is for
         from recu_cli.recipes import recipe_settings
 
+        if not 0.5 < tau_min <= tau_max <= 1.0:  # before the conversion config checks tau
+            raise RecuError(f"need 0.5 < --tau-min <= --tau-max <= 1, got {tau_min} and {tau_max}")
         settings = recipe_settings(recipe, epochs)
         recipe_conv = settings.pop("convert")
         conv = convert_config(
@@ -268,6 +304,8 @@ def binarize(
             other_weight_decay=other_weight_decay,
             calib_images=calib_images,
             step0_eval=step0_eval,
+            checkpoint_interval=checkpoint_interval,
+            strict_data=strict_data,
         )
         if plain_sign and (tau_min, tau_max) != (0.85, 0.99):
             raise RecuError(
@@ -288,6 +326,7 @@ def binarize(
         print_json({**result, "config": asdict(cfg)})
         return
     final = result["final"] or {}
+    skipped = result.get("skipped_images") or 0
     if result.get("step0"):
         from recu_cli.train import describe_step0
 
@@ -296,12 +335,39 @@ def binarize(
         f"done: {result['epochs']} epochs, "
         f"last val top-1 {final.get('val_top1', float('nan')):.2f}%, "
         f"best {result['best_top1']:.2f}%, dead weights {100 * final.get('dead_share', 0):.1f}%; "
+        + (f"{skipped} unreadable training images skipped (see train.log); " if skipped else "")
         + (
             f"packed checkpoints in {result['run_dir']} (inspect: recu analyze {result['last']})"
             if result["last"]
             else f"stopped in stage 1 (real weights): no packed checkpoint in {result['run_dir']}"
         )
     )
+
+
+def _resumed(ctx: typer.Context, run_dir: Path, quiet: bool):
+    """The Trainer of `--resume RUN` with the flags --resume accepts applied (resume_rules)."""
+    from recu_cli.resume_rules import apply_resume_flags, finished
+    from recu_cli.train import Trainer, load_run_config, read_position
+
+    saved = load_run_config(run_dir)
+    given = {
+        name: value
+        for name, value in ctx.params.items()
+        if name not in ("model", "data")
+        and (src := ctx.get_parameter_source(name)) is not None
+        and src.name in ("COMMANDLINE", "ENVIRONMENT")
+    }
+    done = read_position(run_dir)
+    cfg, changes = apply_resume_flags(saved, given, str(run_dir), done)
+    cfg.validate()
+    if finished(cfg, done):
+        limit = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs} epochs"
+        raise RecuError(
+            f"{run_dir} has finished ({done.epoch} epochs, {done.global_step} steps of "
+            f"{limit}); nothing to resume. To "
+            f"train longer, add a larger --epochs (or --max-steps) to --resume {run_dir}"
+        )
+    return Trainer(cfg, run_dir=run_dir, quiet=quiet, resume_changes=changes)
 
 
 def _absolute_if_path(data: str) -> str:

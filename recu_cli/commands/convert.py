@@ -83,7 +83,7 @@ def convert(
     json_out: Json = False,
 ) -> None:
     """Binarize MODEL's convolutions (no training) and print what became binary and why."""
-    from recu_cli.convert import convert_model
+    from recu_cli.convert import check_keep, convert_model
     from recu_cli.models import create_model
 
     if not dry_run and output is None:
@@ -96,6 +96,7 @@ def convert(
     )
     net, spec = create_model(model, num_classes=num_classes, pretrained=pretrained, weights=weights)
     original = copy.deepcopy(net) if data is not None else None
+    check_keep(net, config.keep)
     net, report = convert_model(net, config)
     result = {"model": spec.full_name, **report.to_dict(net)}
     if original is not None:

@@ -96,6 +96,9 @@ def eval_cmd(
             net, _ = convert_model(net)
         name = spec.full_name
     bundle = build_data(data, spec, train=False)
+    from recu_cli.imagecheck import check_tree
+
+    check_tree(bundle.val, "the validation images")
     if len(bundle.classes) != spec.num_classes:
         raise RecuError(
             f"{name} predicts {spec.num_classes} classes but {data} has {len(bundle.classes)}; "

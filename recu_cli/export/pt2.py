@@ -51,7 +51,7 @@ def save(ep: Any, path: Path, meta: dict[str, str]) -> None:
     """torch.export.save with recu's metadata (input, normalisation) as an extra file.
 
     Written through a buffer: torch wants a `.pt2` name, and the atomic writer's temporary
-    file is `NAME.pt2.tmp`.
+    file is `NAME.pt2.<pid>.tmp`.
     """
     buf = io.BytesIO()
     torch.export.save(ep, buf, extra_files={META_FILE: json.dumps(meta, indent=2)})
