@@ -69,9 +69,19 @@ BLOCKS = [  # (cin, cout, k, stride): 1x1 blocks have padding 0, 3x3 ones paddin
 ]
 
 
-@pytest.mark.parametrize("shape", BLOCKS, ids=lambda s: "c{}-{}_k{}_s{}".format(*s))
-@pytest.mark.parametrize("act", ["hardtanh", "prelu", "prelu1", "relu", "identity"])
-@pytest.mark.parametrize("thresholds", [False, True], ids=["zero", "beta"])
+ACTS = ["hardtanh", "prelu", "prelu1", "relu", "identity"]
+# every shape with the default activation and thresholds; every activation, with and
+# without thresholds, on the strided block with a conv shortcut and odd channel counts
+CASES = [(s, "hardtanh", True) for s in BLOCKS] + [
+    (BLOCKS[1], a, t) for a in ACTS for t in (False, True) if (a, t) != ("hardtanh", True)
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "act", "thresholds"),
+    CASES,
+    ids=["c{}-{}_k{}_s{}".format(*s) + f"-{a}-{'beta' if t else 'zero'}" for s, a, t in CASES],
+)
 def test_fused_block_is_bit_identical_to_the_float_block(shape, act, thresholds) -> None:
     from recu_cli.runtime.fused import FusedBasicBlock
 
