@@ -153,14 +153,16 @@ def make_loader(
     sampler: torch.utils.data.Sampler | None = None,
     drop_last: bool = False,
     generator: torch.Generator | None = None,
+    pin_memory: bool | None = None,
 ) -> torch.utils.data.DataLoader:
+    """pin_memory: only when the batches go to a GPU (default: when one is present)."""
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         persistent_workers=workers > 0,
         generator=generator,

@@ -47,6 +47,12 @@ def binarize_args(data: Path, out: Path, weights: Path, name: str, *extra: str) 
     ]  # fmt: skip
 
 
+def same_threads_env() -> dict[str, str]:
+    """The environment for a child process that must compute as this one does: CPU float
+    results depend on the number of threads (OMP_NUM_THREADS=1 outside, 2 in here)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def final_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["model"]
 
@@ -94,6 +100,7 @@ def test_interrupted_run_resumes_bit_identically(
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=same_threads_env(),  # float sums depend on the thread count
     )
     for line in proc.stderr:
         if re.search(r"epoch 1 step 3/", line):

@@ -160,16 +160,47 @@ def binarize(
     alpha_mode: AlphaMode = "learned",
     no_standardize: NoStandardize = False,
     plain_sign: PlainSign = False,
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision on CUDA.")] = False,
+    amp: Annotated[
+        bool,
+        typer.Option(
+            "--amp",
+            help="Mixed precision (autocast) on CUDA; on the CPU the same code path, for tests. "
+            "Validation stays fp32.",
+        ),
+    ] = False,
     amp_dtype: Annotated[
-        str, typer.Option("--amp-dtype", help="bf16 (default) or fp16 (with a grad scaler).")
-    ] = "bf16",
+        str,
+        typer.Option(
+            "--amp-dtype",
+            help="auto (default): bf16 on GPUs of compute capability >= 8.0 with bf16 support "
+            "(A100, H100, RTX 30xx on) and on the CPU, fp16 with a grad scaler on older GPUs "
+            "(V100, T4, whose bf16 convolutions are slow); or bf16, fp16.",
+        ),
+    ] = "auto",
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            "--deterministic",
+            help="Deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
+            "deterministic, no cuDNN autotuning): a resumed GPU run then matches an "
+            "uninterrupted one to the bit; slower. CPU runs are exact without it.",
+        ),
+    ] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last")] = False,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 42,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            "-j",
+            min=0,
+            help="Data-loading processes (default: 2 on the CPU; on CUDA the CPU cores per "
+            "GPU process minus one, at most 8).",
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Parent folder of run folders.")
@@ -268,6 +299,7 @@ def binarize(
             other_weight_decay=other_weight_decay,
             calib_images=calib_images,
             step0_eval=step0_eval,
+            deterministic=deterministic,
         )
         if plain_sign and (tau_min, tau_max) != (0.85, 0.99):
             raise RecuError(
