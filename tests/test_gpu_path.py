@@ -67,7 +67,7 @@ def test_amp_validation_runs_in_fp32_like_recu_eval(
     assert float(row["val_loss"]) == pytest.approx(measured["loss"], rel=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:for .*: copying from a non-meta parameter")
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
 def test_resume_keeps_adam_steps_on_the_cpu_and_moves_the_rest_to_the_device(
     small_cifar,  # noqa: F811
     resnet20_weights,
