@@ -6,6 +6,7 @@ last/best checkpoints and resume.pt (everything needed to continue exactly).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -783,6 +784,12 @@ class Trainer:
             exit_code=1,
         )
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """--amp's autocast; nothing at all without it."""
+        if not self.amp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -793,7 +800,7 @@ class Trainer:
         targets = targets.to(self.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
+        with self._autocast():
             logits = self.ddp_model(images)
             loss = F.cross_entropy(logits.float(), targets)
             if self.teacher is not None:

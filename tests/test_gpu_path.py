@@ -146,3 +146,51 @@ def test_lower_median_equals_torch_median() -> None:
         v[0] = 0.5  # ties
         assert torch.equal(lower_median(v), v.median(dim=1).values)
         assert torch.equal(v.sort(dim=1).values[:, (n - 1) // 2], v.median(dim=1).values)
+
+
+class _FirstRead(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("log_interval", "first_read"), [(0, 7), (3, 3)])
+def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
+    log_interval,
+    first_read,
+) -> None:
+    """The training loop on the meta device, where any host read of a tensor raises (as a
+    read of a CUDA tensor waits for the GPU): steps, distillation, loss sums and the
+    optimizer run; the first read is the sync point (every --log-interval steps, or the
+    end of this 7-step epoch without logging)."""
+    from recu_cli.progress import make_progress
+    from recu_cli.step_metrics import StepMetrics
+    from recu_cli.train import _StopOnSigint
+
+    cfg = short_config(
+        small_cifar, resnet20_weights, tmp_path, "steps", max_steps=None, log_interval=log_interval
+    )
+    trainer = Trainer(cfg, quiet=True)
+    assert trainer.teacher is not None and trainer.steps_per_epoch == 7
+    device = torch.device("meta")
+    trainer.device = device
+    trainer.model.to(device)
+    trainer.teacher.to(device)
+    trainer.optimizer = build_optimizer(trainer.model, trainer.cfg)
+    trainer._enter_stage(2, switching=False)  # the scheduler follows the new optimizer
+    trainer.metrics = StepMetrics(device)
+    reads: list[int] = []
+
+    def sync(stop_requested, info):
+        reads.append(trainer.pos.step_in_epoch)
+        raise _FirstRead
+
+    trainer.metrics.sync = sync
+    with make_progress(True) as progress, _StopOnSigint() as stop:
+        trainer.progress, trainer.stop = progress, stop
+        with pytest.raises(_FirstRead):
+            trainer._train_epoch()
+    assert reads == [first_read]
+    assert trainer.pos.global_step == first_read
+    assert all(st["exp_avg"].device == device for st in trainer.optimizer.state.values())

@@ -6,6 +6,8 @@ cannot store 0 and a packed checkpoint must reproduce the trained model exactly.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 ACT_EPS = 1e-5
@@ -75,7 +77,7 @@ class _RescaledApproxSign(torch.autograd.Function):
         # unbiased variance from the first two moments: two fast reductions instead of
         # torch.var_mean's Welford pass, which is ~15x slower on CPU for this layout;
         # accumulated in fp32 for half inputs (a sum of ~200k squares overflows fp16)
-        with torch.autocast(a.device.type, enabled=False):  # no autocast copies to fp32
+        with _without_autocast(a.device.type):  # no autocast copies to fp32
             mean = a.mean(dim=dims, keepdim=True, dtype=acc)
             sq = a.square().sum(dim=dims, keepdim=True, dtype=acc)
             var = (sq - n * mean.square()) / (n - 1)
@@ -92,6 +94,12 @@ class _RescaledApproxSign(torch.autograd.Function):
         coef = _per_sample_dot(g0, a).view_as(mean) * inv_std.pow(3) / (n - 1)
         g0.mul_(inv_std).addcmul_(a, coef, value=-1.0).add_(mean * coef)
         return g0
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _accumulation_dtype(a: torch.Tensor) -> torch.dtype:
