@@ -191,9 +191,6 @@ def test_two_process_run_interrupted_by_ctrl_c_resumes_exactly(
     assert "resume point saved" in err, err[-3000:]
     assert (broken / "resume.pt").is_file() and not (broken / "last.safetensors").exists()
 
-    code, _, msg = run_cli(["binarize", "--resume", str(broken), "--quiet"], capsys)
-    assert_one_line_error(code, msg, "2 process", "nproc_per_node 2")
-
     proc = subprocess.run(
         torchrun(["binarize", "--resume", str(broken), "--quiet"]),
         capture_output=True, text=True, timeout=600, env=env,
@@ -201,6 +198,9 @@ def test_two_process_run_interrupted_by_ctrl_c_resumes_exactly(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary_rows(broken) == summary_rows(straight)
     assert digests(proc.stdout) == digests(straight_out)
+
+    code, _, msg = run_cli(["binarize", "--resume", str(broken), "--quiet"], capsys)
+    assert_one_line_error(code, msg, "2 process", "nproc_per_node 2")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(
