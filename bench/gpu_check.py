@@ -117,7 +117,7 @@ def binarize_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
 
 
 def run_throughput(data: Path, out: Path, dtype: str, nproc: int, batch: int, steps: int):
-    name = f"run-{dtype}-{nproc or 1}gpu"
+    name = f"torchrun-{dtype}-{nproc}gpu" if nproc else f"run-{dtype}-1gpu"
     proc = recu(
         binarize_args(data, out, name, "--amp-dtype", dtype, "-b", str(batch), "--epochs", "1",
                       "--max-steps", str(steps), "--log-interval", "10"),
