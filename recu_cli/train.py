@@ -315,7 +315,8 @@ class FlipTracker:
             out[f"{name}.tail"] = tail
         return out
 
-    def load(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    def load(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        """Masks onto `device` (the model's), whatever device they were read onto."""
         names = {k.rsplit(".", 1)[0] for k in state}
         self.start = {
             n: (state[f"{n}.sign"].to(device), state[f"{n}.tail"].to(device)) for n in names
