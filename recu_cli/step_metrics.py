@@ -20,6 +20,7 @@ class SyncResult:
     """What one sync point learned, over all ranks."""
 
     stop: bool  # some rank got Ctrl-C
+    save: bool  # some rank asked for a resume point (e.g. a time-based interval elapsed)
     bad_ranks: int  # ranks that saw a non-finite loss since the epoch began
     bad_step: int  # this rank's first such step (1-based in the epoch), -1 if none
     bad_loss: float  # and its loss
@@ -55,15 +56,19 @@ class StepMetrics:
         self.bad_loss = torch.where(first, value, self.bad_loss)
         self.last_loss = value
 
-    def sync(self, stop_requested: bool, info: DistInfo) -> SyncResult:
-        """The loop's one host sync: flags merged into one all-reduce, read in one transfer."""
-        flags = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def sync(self, stop_requested: bool, info: DistInfo, save_wanted: bool = False) -> SyncResult:
+        """The loop's one host sync: flags merged into one all-reduce, read in one transfer.
+
+        Decisions that every rank must take at the same step (stop, write a resume point,
+        which is a collective) are taken here, from the flags of all ranks."""
+        flags = torch.zeros(3, dtype=torch.float64, device=self.device)
         flags[0] = 1.0 if stop_requested else 0.0
         flags[1] = (self.bad_step >= 0).to(torch.float64)
+        flags[2] = 1.0 if save_wanted else 0.0
         agree(flags, info)
         local = torch.stack([self.bad_step.to(torch.float64), self.bad_loss, self.last_loss])
-        stop, bad, bad_step, bad_loss, last = torch.cat([flags, local]).tolist()
-        return SyncResult(stop > 0, int(bad), int(bad_step), bad_loss, last)
+        stop, bad, save, bad_step, bad_loss, last = torch.cat([flags, local]).tolist()
+        return SyncResult(stop > 0, save > 0, int(bad), int(bad_step), bad_loss, last)
 
     def epoch_mean(self, info: DistInfo) -> float:
         """Mean training loss of the epoch over all ranks' images (one all-reduce)."""

@@ -198,3 +198,33 @@ def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
     assert reads == [first_read]
     assert trainer.pos.global_step == first_read
     assert all(st["exp_avg"].device == device for st in trainer.optimizer.state.values())
+
+
+def test_step_metrics_sum_as_python_floats_did_and_find_the_first_bad_step() -> None:
+    from recu_cli.distributed import DistInfo
+    from recu_cli.step_metrics import StepMetrics
+
+    info = DistInfo()
+    gen = torch.Generator().manual_seed(2)
+    losses = (torch.rand(20, generator=gen) * 5).tolist()
+    sizes = [16, 16, 7] * 6 + [16, 3]
+    metrics = StepMetrics(torch.device("cpu"))
+    total = 0.0
+    for step, (loss, n) in enumerate(zip(losses, sizes, strict=True), start=1):
+        value = torch.tensor(loss, dtype=torch.float32)
+        metrics.add(value, n, step)
+        total += float(value) * n  # what the loop summed on the host before
+    seen = metrics.sync(False, info)
+    assert not seen.stop and not seen.save and seen.bad_ranks == 0 and seen.bad_step == -1
+    assert seen.last_loss == float(torch.tensor(losses[-1], dtype=torch.float32))
+    assert metrics.epoch_mean(info) == total / sum(sizes)  # bit for bit
+
+    restored = StepMetrics(torch.device("cpu"))
+    restored.load(metrics.state(info), info)
+    assert restored.epoch_mean(info) == metrics.epoch_mean(info)
+
+    metrics.add(torch.tensor(float("inf")), 16, 21)
+    metrics.add(torch.tensor(float("nan")), 16, 22)
+    seen = metrics.sync(True, info, save_wanted=True)
+    assert seen.stop and seen.save and seen.bad_ranks == 1
+    assert seen.bad_step == 21 and seen.bad_loss == float("inf")
