@@ -37,6 +37,15 @@ def _channel_values(x: torch.Tensor) -> torch.Tensor:
     return values[:, ::step].float()
 
 
+def lower_median(values: torch.Tensor) -> torch.Tensor:
+    """Per-row median as torch.median gives it (the lower middle value). On CUDA under
+    deterministic algorithms (--deterministic) median(dim) raises: the same value is read
+    from a sort there."""
+    if values.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return values.sort(dim=1).values[:, (values.shape[1] - 1) // 2]
+    return values.median(dim=1).values
+
+
 @torch.no_grad()
 def calibrate_thresholds(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> int:
     """Set every learnable threshold to its channel's median over `images`; returns how many
@@ -52,7 +61,7 @@ def calibrate_thresholds(model: nn.Module, images: torch.Tensor, batch_size: int
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         values = _channel_values(args[0])
-        module.act_threshold.copy_(values.median(dim=1).values.to(module.act_threshold.dtype))
+        module.act_threshold.copy_(lower_median(values).to(module.act_threshold.dtype))
 
     was_training = model.training
     model.eval()

@@ -156,8 +156,10 @@ def make_loader(
     sampler: torch.utils.data.Sampler | None = None,
     drop_last: bool = False,
     generator: torch.Generator | None = None,
+    pin_memory: bool | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose batches carry the unreadable images they dropped (imagecheck)."""
+    """A DataLoader whose batches carry the unreadable images they dropped (imagecheck);
+    pin_memory only when the batches go to a GPU (default: when one is present)."""
     from recu_cli.imagecheck import collate
 
     return torch.utils.data.DataLoader(
@@ -166,7 +168,7 @@ def make_loader(
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         persistent_workers=workers > 0,
         generator=generator,

@@ -31,11 +31,15 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
     if device_type == "cuda":
+        # before the process group: nccl's communicator, and any CUDA context opened on
+        # the way, must live on this rank's GPU, not on GPU 0
         torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank, world, local)
 
 
@@ -45,6 +49,23 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def agree(flags: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a small device tensor of flags over ranks in place (one all-reduce, no host read:
+    the caller reads it together with whatever else it needs, in one transfer)."""
+    if info.enabled:
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return flags
+
+
+def gather_rows(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """[world_size, *t.shape]: every rank's t, in rank order, on every rank."""
+    if not info.enabled:
+        return t.unsqueeze(0)
+    rows = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(rows, t.contiguous())
+    return torch.stack(rows)
 
 
 def broadcast_object(obj, info: DistInfo):

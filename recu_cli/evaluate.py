@@ -22,13 +22,20 @@ class EvalResult:
         return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "images": self.images}
 
 
-def batch_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, float, int]:
-    """Top-1 hits, top-5 hits (top-k for fewer classes), summed cross-entropy, batch size."""
+def batch_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits (top-k for fewer classes), summed cross-entropy] as a float64
+    tensor on the logits' device: summed over batches without a host sync per batch."""
     logits = logits.float()
     k = min(5, logits.shape[1])
     hits = logits.topk(k, dim=1).indices.eq(targets.view(-1, 1))
-    loss = float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), loss, targets.numel()
+    loss = nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), loss.double()])
+
+
+def batch_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, float, int]:
+    """Top-1 hits, top-5 hits, summed cross-entropy, batch size (`batch_sums`, read)."""
+    c1, c5, loss = batch_sums(logits, targets).tolist()
+    return int(c1), int(c5), loss, targets.numel()
 
 
 @torch.no_grad()

@@ -5,8 +5,8 @@ refused (one line saying how to start a new run); a flag repeated with the run's
 value is accepted. What may change:
 
 - how the run is executed: --workers, --device, --log-interval, --checkpoint-interval,
-  --strict-data, --quiet, --json (the numbers do not depend on them; another kind of
-  device continues correctly but not to the bit);
+  --strict-data, --deterministic, --quiet, --json (the numbers do not depend on them on
+  the CPU; another kind of device continues correctly but not to the bit);
 - its length: a larger --epochs or --max-steps. Schedule rule: the cosine learning rate
   and the tau schedule are recomputed for the new length and continue from the current
   step, as if the run had been started with the new length (steps already taken keep
@@ -24,7 +24,9 @@ from typing import Any
 from recu_cli.errors import RecuError
 
 # CLI parameter name -> TrainConfig field, for the settings --resume may change
-EXECUTION = ("workers", "device", "log_interval", "checkpoint_interval", "strict_data")
+EXECUTION = (
+    "workers", "device", "log_interval", "checkpoint_interval", "strict_data", "deterministic",
+)  # fmt: skip
 LENGTH = ("epochs", "max_steps")
 NOT_SETTINGS = ("resume", "json_out", "quiet")
 
@@ -87,6 +89,8 @@ def _same(cfg: Any, key: str, value: Any) -> bool:
     if not hasattr(cfg, key) or key in ("model", "data"):
         return False
     saved = getattr(cfg, key)
+    if key == "amp_dtype" and value == "auto":  # config.json holds what auto resolved to
+        return True
     if isinstance(value, Path):
         value = str(value.expanduser().resolve())
     return value == saved

@@ -76,6 +76,19 @@ def quantization_error(w2: torch.Tensor) -> float:
     return float(((w2 - alpha * sign_pos(w2)) ** 2).mean())
 
 
+def histc_counts(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
+    """torch.histc(x, bins, lo, hi) as int64 counts, computed as histc does (bin =
+    trunc((x - lo) * bins / (hi - lo)) in x's dtype, hi in the last bin, values outside
+    [lo, hi] dropped) but with bincount, which CUDA runs under deterministic algorithms
+    (histc raises there)."""
+    x = x.detach().flatten()
+    edges = torch.tensor([lo, hi], dtype=x.dtype, device=x.device)  # histc's rounded edges
+    left, right = edges[0], edges[1]
+    x = x[(x >= left) & (x <= right)]
+    idx = ((x - left) * bins / (right - left)).to(torch.int64).clamp_(max=bins - 1)
+    return torch.bincount(idx, minlength=bins)
+
+
 def histogram(w1: torch.Tensor, q: float | None) -> dict[str, Any]:
     """Counts of W1 in HIST_BINS equal bins over [-R, R].
 
@@ -94,11 +107,11 @@ def histogram(w1: torch.Tensor, q: float | None) -> dict[str, Any]:
         r = min(r, float(a.max()))
     if not r > 0:
         r = 1.0
-    counts = torch.histc(w1, bins=HIST_BINS, min=-r, max=r)
+    counts = histc_counts(w1, HIST_BINS, -r, r)
     return {
         "range": r,
         "bins": HIST_BINS,
-        "counts": [int(c) for c in counts.tolist()],
+        "counts": counts.tolist(),
         "below": int((w1 < -r).sum()),
         "above": int((w1 > r).sum()),
     }

@@ -36,10 +36,17 @@ from recu_cli.convert import (
     set_tau,
 )
 from recu_cli.data import build_data, make_loader
-from recu_cli.devices import pick_device
+from recu_cli.devices import (
+    bind_device,
+    configure_backends,
+    default_amp_dtype,
+    default_workers,
+    pick_device,
+)
 from recu_cli.distill import FeatureTap, attention_loss, distillation_loss, feature_points
 from recu_cli.distributed import (
     DistInfo,
+    agree,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -48,15 +55,17 @@ from recu_cli.distributed import (
     sync_buffers,
 )
 from recu_cli.errors import RecuError
-from recu_cli.evaluate import EvalResult, batch_counts
+from recu_cli.evaluate import EvalResult, batch_sums
 from recu_cli.imagecheck import BadItem, bad_of, check_tree, collate, fail_on_bad
 from recu_cli.models import ModelSpec, create_model, reset_head
 from recu_cli.progress import make_progress
 from recu_cli.resumeclock import DEFAULT_INTERVAL, ResumeClock, parse_interval
 from recu_cli.runlock import LOCK_NAME, RunLock
 from recu_cli.sampling import EpochBatchSampler, SeededItems
+from recu_cli.step_metrics import StepMetrics, SyncResult
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SYNC_STEPS = 50  # host sync points without --log-interval (non-finite loss, Ctrl-C under DDP)
 SUMMARY_FIELDS = [
     "epoch", "stage", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
     "flip_rate", "flip_rate_tail", "flip_rate_core", "seconds", "img_per_s", "skipped_images",
@@ -90,11 +99,11 @@ class TrainConfig:
     kd_weight: float = 1.0
     kd_temperature: float = 1.0
     amp: bool = False
-    amp_dtype: str = "bf16"
+    amp_dtype: str = "auto"  # resolved when a run starts (devices.default_amp_dtype)
     channels_last: bool = False
     max_steps: int | None = None
     seed: int = 42
-    workers: int = 2
+    workers: int | None = None  # None: devices.default_workers
     device: str | None = None
     output: str = "output"
     experiment: str | None = None
@@ -114,6 +123,7 @@ class TrainConfig:
     # how the run is executed (--resume may change these: resume_rules.py)
     checkpoint_interval: str = DEFAULT_INTERVAL
     strict_data: bool = False
+    deterministic: bool = False
 
     def validate(self) -> None:
         if self.opt not in OPTIMIZERS:
@@ -128,8 +138,8 @@ class TrainConfig:
             raise RecuError("--epochs and --batch-size must be at least 1")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise RecuError(f"--lr must be a positive number, got {self.lr}")
-        if self.amp_dtype not in ("bf16", "fp16"):
-            raise RecuError("--amp-dtype must be bf16 or fp16")
+        if self.amp_dtype not in ("auto", "bf16", "fp16"):
+            raise RecuError("--amp-dtype must be auto, bf16 or fp16")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise RecuError("--kd-weight must be in [0, 1]")
         if not 0 <= self.stage1_epochs < self.epochs:
@@ -345,9 +355,12 @@ class FlipTracker:
             out[f"{name}.tail"] = tail
         return out
 
-    def load(self, state: dict[str, torch.Tensor]) -> None:
+    def load(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        """Masks onto `device` (the model's), whatever device they were read onto."""
         names = {k.rsplit(".", 1)[0] for k in state}
-        self.start = {n: (state[f"{n}.sign"], state[f"{n}.tail"]) for n in names}
+        self.start = {
+            n: (state[f"{n}.sign"].to(device), state[f"{n}.tail"].to(device)) for n in names
+        }
 
 
 class SkippedImages:
@@ -384,10 +397,11 @@ class Trainer:
         self.cfg = cfg
         self.quiet = quiet
         device = pick_device(cfg.device)
+        configure_backends(device, cfg.deterministic)
         self.info = init_distributed(device.type)
         if self.info.enabled and device.type == "cuda":
             device = torch.device("cuda", self.info.local_rank)
-        self.device = device
+        self.device = bind_device(device)
         self.resuming = run_dir is not None
         self.resume_changes = list(resume_changes or [])
         created = False
@@ -476,6 +490,8 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = default_workers(self.device, local_world) if cfg.workers is None else cfg.workers
         self.ddp_model: nn.Module = self.model
         if self.info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
@@ -493,9 +509,10 @@ class Trainer:
         self.train_loader = torch.utils.data.DataLoader(
             train_ds,
             batch_sampler=self.sampler,
-            num_workers=cfg.workers,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=cfg.workers > 0,
+            persistent_workers=workers > 0,
+            worker_init_fn=_ignore_sigint,
             collate_fn=collate,
         )
         val = self.data.val
@@ -503,26 +520,17 @@ class Trainer:
             val = torch.utils.data.Subset(
                 val, list(range(self.info.rank, len(val), self.info.world_size))
             )
-        self.val_loader = make_loader(val, max(cfg.batch_size, 64), cfg.workers)
+        self.val_loader = make_loader(
+            val, max(cfg.batch_size, 64), workers, pin_memory=self.device.type == "cuda"
+        )
         self.steps_per_epoch = len(self.sampler)
         self.optimizer = build_optimizer(self.model, cfg)
-        cpu_bf16 = self.device.type == "cpu" and cfg.amp_dtype == "bf16"
-        self.amp_enabled = cfg.amp and (self.device.type == "cuda" or cpu_bf16)
-        if cfg.amp and not self.amp_enabled:
-            self.log("note: --amp fp16 applies to CUDA only; training in fp32 on the CPU")
-        elif self.amp_enabled and cpu_bf16:
-            self.log(
-                "note: --amp on the CPU runs bf16 autocast (the code path of CUDA bf16); "
-                "most CPUs train faster in fp32"
-            )
-        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.amp_enabled and self.amp_dtype == torch.float16
-        )
+        self._setup_amp()
         self.pos = Position()
         self.history: list[dict[str, Any]] = []
         self.flips = FlipTracker()
-        self.epoch_loss = [0.0, 0.0]  # sum, count of this epoch's training loss
+        self.metrics = StepMetrics(self.device)  # this epoch's training loss, on the device
+        self.stop_agreed = False  # all ranks agreed at a sync point to stop at the next step
         self.features = self._feature_taps()
         self.step0: dict[str, Any] | None = None
         self.skipped = SkippedImages()
@@ -548,6 +556,29 @@ class Trainer:
                 "train": asdict(self.cfg), "model": self.spec.to_dict(), "recu_version": _version()
             }  # fmt: skip
             write_bytes(self.run_dir / "config.json", json.dumps(payload, indent=2).encode())
+
+    def _setup_amp(self) -> None:
+        """Autocast in --amp-dtype ('auto' resolved here and stored with the run), on CUDA
+        and on the CPU (the same code path, which is how the tests see it); a grad scaler
+        with fp16 only."""
+        cfg = self.cfg
+        if cfg.amp_dtype == "auto":
+            cfg.amp_dtype = default_amp_dtype(self.device)
+        self.amp_enabled = cfg.amp
+        self.amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+        fp16 = self.amp_dtype == torch.float16
+        if cfg.amp and not self.resuming:
+            self.log(
+                f"mixed precision: {cfg.amp_dtype} autocast"
+                + (" with a grad scaler" if fp16 else "")
+                + (
+                    " (on the CPU: the code path of CUDA, for testing; most CPUs train "
+                    "faster in fp32)"
+                    if self.device.type == "cpu"
+                    else ""
+                )
+            )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and fp16)
 
     # ---------------------------------------------------------------- recipe parts
     def _start_model(self, original: nn.Module | None) -> dict[str, Any]:
@@ -630,6 +661,8 @@ class Trainer:
                     f"{cfg.data} has {len(self.data.classes)}; give a teacher trained on this data"
                 )
         teacher.eval().requires_grad_(False)
+        if cfg.channels_last:  # it sees the student's channels-last images
+            teacher = teacher.to(memory_format=torch.channels_last)
         return teacher.to(self.device)
 
     def log(self, msg: str, echo: bool = True) -> None:
@@ -653,33 +686,45 @@ class Trainer:
         e += step / self.steps_per_epoch if cfg.tau_update == "step" else 0.0
         return tau_schedule(e, end - first, cfg.tau_min, cfg.tau_max)
 
-    def _resume_state(self) -> dict[str, Any]:
-        return {
+    def _resume_state(self, epoch_loss: torch.Tensor) -> dict[str, Any]:
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "position": asdict(self.pos),
             "history": json.dumps(self.history),
-            "epoch_loss": torch.tensor(self.epoch_loss, dtype=torch.float64),
+            "epoch_loss": epoch_loss,  # [world_size, 2]: each rank's own loss sum and count
+            "world_size": self.info.world_size,
             "flips": self.flips.state(),
             "rng_torch": torch.get_rng_state(),
             "rng_python": json.dumps(random.getstate()),
             "step0": json.dumps(self.step0),
             "skipped": json.dumps(self.skipped.state()),
         }
+        if self.device.type == "cuda":  # the ranks' generators advance alike: rank 0's serves
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def save_resume(self) -> None:
+        """Called by every rank (gathering the ranks' loss sums is a collective)."""
+        epoch_loss = self.metrics.state(self.info)
         if self.info.is_main:
-            atomic_torch_save(self._resume_state(), self.run_dir / "resume.pt")
+            atomic_torch_save(self._resume_state(epoch_loss), self.run_dir / "resume.pt")
         self.clock.reset()
 
     def _load_resume(self) -> None:
         path = self.run_dir / "resume.pt"
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            # on the CPU first: load_state_dict moves the model's and Adam's moments to the
+            # parameters' device and leaves Adam's `step` on the CPU, where non-capturable
+            # Adam wants it (a CUDA step costs a host sync per step)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self._check_world_size(state.get("world_size"))
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
+            self._load_scaler(state.get("scaler") or {})
+        except RecuError:
+            raise
         except Exception as e:  # noqa: BLE001 - any damage means the same thing to the user
             raise RecuError(
                 f"cannot resume from {path} ({type(e).__name__}); the file is damaged or from "
@@ -687,20 +732,41 @@ class Trainer:
             ) from e
         self.pos = Position(**state["position"])
         self.history = json.loads(state["history"])
-        self.epoch_loss = state["epoch_loss"].tolist()
-        self.flips.load(state["flips"])
+        self.metrics.load(state["epoch_loss"], self.info)
+        self.flips.load(state["flips"], self.device)
         self.step0 = json.loads(state["step0"]) if "step0" in state else None
         if "skipped" in state:
             self.skipped.load(json.loads(state["skipped"]))
         if self.info.is_main and self.history:
             self._write_summary()  # a kill between resume.pt and summary.csv loses no row
-        torch.set_rng_state(state["rng_torch"].cpu())
+        torch.set_rng_state(state["rng_torch"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         py = json.loads(state["rng_python"])
         random.setstate((py[0], tuple(py[1]), py[2]))
         self.log(
             f"resuming {self.run_dir} at epoch {self.pos.epoch + 1}, step "
             f"{self.pos.step_in_epoch} (global step {self.pos.global_step})"
         )
+
+    def _check_world_size(self, saved: int | None) -> None:
+        """Steps per epoch, the schedule's length and each rank's shard depend on it."""
+        if saved is not None and saved != self.info.world_size:
+            how = f"torchrun --nproc_per_node {saved} -m recu_cli" if saved > 1 else "recu"
+            raise RecuError(
+                f"{self.run_dir} was trained by {saved} process(es), this resume has "
+                f"{self.info.world_size}: resume with the same number ({how} binarize "
+                f"--resume {self.run_dir})"
+            )
+
+    def _load_scaler(self, saved: dict[str, Any]) -> None:
+        """An empty state comes from a scaler that was off (bf16, fp32, or a machine
+        without fp16 autocast): a scaler that is on now starts fresh, as a new run's does."""
+        if not saved:
+            if self.scaler.is_enabled():
+                self.log("note: resume.pt holds no grad-scaler state; starting a fresh scaler")
+            return
+        self.scaler.load_state_dict(saved)
 
     def _save_checkpoint(self, name: str, row: dict[str, Any]) -> None:
         from recu_cli.pack import save
@@ -789,7 +855,12 @@ class Trainer:
         return bool(self.cfg.max_steps) and self.pos.global_step >= self.cfg.max_steps
 
     def _train_epoch(self) -> bool:
-        """One epoch from the current position; False when a Ctrl-C asked to stop."""
+        """One epoch from the current position; False when a Ctrl-C asked to stop.
+
+        Each step only queues device work; the host reads the loss and the flags at sync
+        points (every --log-interval steps, or SYNC_STEPS without logging, and at the end of
+        the epoch), where all ranks agree on Ctrl-C. Alone, a process stops at the next
+        step; under torchrun at the next sync point."""
         cfg, pos = self.cfg, self.pos
         epoch = pos.epoch
         if pos.step_in_epoch == 0 and epoch == cfg.stage1_epochs > 0:
@@ -797,12 +868,13 @@ class Trainer:
         if pos.step_in_epoch == 0:
             set_tau(self.model, self.tau_at(epoch, 0))
             self.flips.snapshot(self.model)
-            self.epoch_loss = [0.0, 0.0]
+            self.metrics.reset()
             self.skipped.epoch = 0
         self.sampler.set_epoch(epoch, pos.step_in_epoch)
         self.model.train()
         start = time.perf_counter()
-        images_seen = 0
+        images_seen = steps_here = 0
+        sync_every = cfg.log_interval or SYNC_STEPS
         task = self.progress.add_task(
             f"epoch {epoch + 1}/{cfg.epochs}" + (" (stage 1)" if self.stage == 1 else ""),
             total=self.steps_per_epoch,
@@ -811,7 +883,15 @@ class Trainer:
         self.progress.update(task, completed=pos.step_in_epoch)
         batches = iter(self.train_loader)
         while True:
-            if self._stop_agreed():
+            alone_stopping = self.stop.requested and not self.info.enabled
+            # a step-count resume point is due on every rank at once, so it makes a sync
+            # point; a time-based one is agreed at the next one (resumeclock.py)
+            steps_due = bool(steps_here) and self.clock.steps is not None
+            steps_due = steps_due and self.clock.due(pos.global_step)
+            if alone_stopping or steps_due or (steps_here and pos.step_in_epoch % sync_every == 0):
+                rate = images_seen * self.info.world_size / (time.perf_counter() - start)
+                self._sync_point(task, rate, save_wanted=self.clock.due(pos.global_step))
+            if self.stop_agreed:
                 self.progress.remove_task(task)
                 return False
             if self._max_steps_reached():
@@ -834,21 +914,14 @@ class Trainer:
                 set_tau(self.model, self.tau_at(epoch, pos.step_in_epoch))
             loss = self._step(images, targets)
             images_seen += images.shape[0]
+            steps_here += 1
             pos.step_in_epoch += 1
             pos.global_step += 1
             self.scheduler.step_update(pos.global_step - self.stage_start_step)
-            self.epoch_loss[0] += loss * images.shape[0]
-            self.epoch_loss[1] += images.shape[0]
-            rate = images_seen * self.info.world_size / (time.perf_counter() - start)
-            self.progress.update(task, advance=1, info=f"loss {loss:.4f}  {rate:.0f} img/s")
-            if cfg.log_interval and pos.step_in_epoch % cfg.log_interval == 0:
-                self.log(
-                    f"epoch {epoch + 1} step {pos.step_in_epoch}/{self.steps_per_epoch} "
-                    f"loss {loss:.4f} lr {self._lr():.3g} {rate:.0f} img/s"
-                )
-            if pos.step_in_epoch < self.steps_per_epoch and self.clock.due(pos.global_step):
-                self.save_resume()
+            self.metrics.add(loss, images.shape[0], pos.step_in_epoch)
+            self.progress.update(task, advance=1)
         self.progress.remove_task(task)
+        self._sync_point(None, 0.0)  # no epoch ends on a non-finite loss
         seconds = time.perf_counter() - start
         self._end_epoch(epoch, seconds, images_seen)
         return True
@@ -870,21 +943,58 @@ class Trainer:
             if self.skipped.add(item.path):
                 self.log(f"warning: skipped {item.message()}")
 
-    def _stop_agreed(self) -> bool:
-        """All ranks stop at the same step when any of them got Ctrl-C."""
-        flag = 1.0 if self.stop.requested else 0.0
-        return all_reduce_sum([flag], self.info, self.device)[0] > 0
+    def _sync_point(self, task: Any, rate: float, save_wanted: bool = False) -> None:
+        """The loop's host sync: stop when any rank saw a non-finite loss (nothing is saved,
+        the last good checkpoint stays), agree on Ctrl-C, write a resume point when one is
+        due (--checkpoint-interval; only here, after the non-finite check, and on every rank
+        at once), log at --log-interval."""
+        cfg, pos = self.cfg, self.pos
+        seen = self.metrics.sync(self.stop.requested, self.info, save_wanted=save_wanted)
+        if seen.bad_ranks:
+            raise self._non_finite(seen)
+        self.stop_agreed = seen.stop
+        if seen.save and not seen.stop and 0 < pos.step_in_epoch < self.steps_per_epoch:
+            self.save_resume()
+        if task is None:
+            return
+        self.progress.update(task, info=f"loss {seen.last_loss:.4f}  {rate:.0f} img/s")
+        if cfg.log_interval and pos.step_in_epoch % cfg.log_interval == 0:
+            self.log(
+                f"epoch {pos.epoch + 1} step {pos.step_in_epoch}/{self.steps_per_epoch} "
+                f"loss {seen.last_loss:.4f} lr {self._lr():.3g} {rate:.0f} img/s"
+            )
+
+    def _non_finite(self, seen: SyncResult) -> TrainingStopped:
+        shutdown(self.info)
+        where = (
+            f"loss became {seen.bad_loss} at epoch {self.pos.epoch + 1} step {seen.bad_step}"
+            if seen.bad_step >= 0
+            else f"loss became nan or inf on another process in epoch {self.pos.epoch + 1}"
+        )
+        return TrainingStopped(
+            f"{where}; stopped without saving anything. Lower --lr (now "
+            f"{self.cfg.base_lr:g}) or set --clip-grad; the last good checkpoint is kept in "
+            f"{self.run_dir}",
+            exit_code=1,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """--amp's autocast; nothing at all without it."""
+        if not self.amp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; returns the loss as a device tensor (no host sync here)."""
         cfg = self.cfg
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
+        with self._autocast():
             logits = self.ddp_model(images)
             loss = F.cross_entropy(logits.float(), targets)
             if self.teacher is not None:
@@ -896,16 +1006,6 @@ class Trainer:
                 student_tap, teacher_tap = self.features
                 at = attention_loss(student_tap.take(), teacher_tap.take())
                 loss = loss + cfg.feature_kd * at
-        value = float(loss.detach())
-        flag = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], self.info, self.device)
-        if flag[0] > 0:
-            raise TrainingStopped(
-                f"loss became {value} at epoch {self.pos.epoch + 1} step "
-                f"{self.pos.step_in_epoch + 1}; stopped without updating the weights. Lower "
-                f"--lr (now {self.cfg.base_lr:g}) or set --clip-grad; the last good checkpoint "
-                f"is kept in {self.run_dir}",
-                exit_code=1,
-            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.clip_grad:
@@ -913,14 +1013,18 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return value
+        return loss.detach()
 
     @torch.no_grad()
     def _validate(self, model: nn.Module | None = None) -> EvalResult:
+        """In fp32 even with --amp, as `recu eval` measures the saved model: val_top1 and
+        the choice of best are the numbers the checkpoint gives. Sums stay on the device:
+        one host read per validation."""
         model = self.model if model is None else model
         was_training = model.training
         model.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]  # correct1, correct5, loss_sum, n
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # top-1, top-5, loss
+        n = 0
         for batch in self.val_loader:
             fail_on_bad(batch)
             images, targets = batch
@@ -928,14 +1032,13 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             if self.cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_enabled):
-                logits = model(images)
-            for i, value in enumerate(batch_counts(logits, targets)):
-                sums[i] += value
+            sums += batch_sums(model(images), targets)
+            n += targets.numel()
         model.train(was_training)
-        c1, c5, loss_sum, n = all_reduce_sum(sums, self.info, self.device)
-        n = max(n, 1.0)
-        return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n, int(n))
+        totals = torch.cat([sums, sums.new_tensor([float(n)])])
+        c1, c5, loss_sum, n_all = agree(totals, self.info).tolist()
+        n_all = max(n_all, 1.0)
+        return EvalResult(100.0 * c1 / n_all, 100.0 * c5 / n_all, loss_sum / n_all, int(n_all))
 
     def _end_epoch(self, epoch: int, seconds: float, images_seen: int) -> None:
         from recu_cli.stats import dead_weight_share
@@ -945,7 +1048,6 @@ class Trainer:
             self._reestimate_batchnorm()
         sync_buffers(self.model, self.info)
         val = self._validate()
-        loss_sum, count = all_reduce_sum(self.epoch_loss, self.info, self.device)
         skipped = all_reduce_sum([float(self.skipped.epoch)], self.info, self.device)[0]
         flips = self.flips.rates(self.model)
         row = {
@@ -953,7 +1055,7 @@ class Trainer:
             "stage": self.stage,
             "lr": self._lr(),
             "tau": float(binary_layers(self.model)[0][1].tau),
-            "train_loss": loss_sum / max(count, 1.0),
+            "train_loss": self.metrics.epoch_mean(self.info),
             "val_top1": val.top1,
             "val_top5": val.top5,
             "val_loss": val.loss,
@@ -1016,9 +1118,13 @@ class _StopOnSigint:
     """First Ctrl-C: finish the current step, then stop cleanly with a resume point.
     Second Ctrl-C: stop at once (files already written stay intact: they are atomic)."""
 
+    REPEAT_S = 1.0  # under torchrun a terminal's Ctrl-C arrives twice (direct + forwarded)
+
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
+        self._first = 0.0
+        self._torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     def __enter__(self) -> _StopOnSigint:
         import signal
@@ -1030,14 +1136,25 @@ class _StopOnSigint:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if self._torchrun and time.monotonic() - self._first < self.REPEAT_S:
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._first = time.monotonic()
 
     def __exit__(self, *exc) -> None:
         import signal
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process: it stops at a step (or, under
+    torchrun, a sync point) that every rank reaches, which dead loaders would not allow."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _if_exists(path: Path) -> str | None:

@@ -260,6 +260,8 @@ def test_sigint_inside_stage_two_resumes_to_the_bit(
     import subprocess
     import sys
 
+    from tests.test_train import same_threads_env
+
     args = [
         "binarize", "resnet20", "--weights", str(resnet20_weights), "--data", str(small_cifar),
         "--epochs", "2", "-b", "16", "--seed", "5", "--log-interval", "1", "--no-step0-eval",
@@ -270,6 +272,7 @@ def test_sigint_inside_stage_two_resumes_to_the_bit(
     proc = subprocess.Popen(
         [sys.executable, "-m", "recu_cli", *args, "-j", "1", "--experiment", "broken"],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=same_threads_env(),  # float sums depend on the thread count
     )  # fmt: skip
     for line in proc.stderr:
         if re.search(r"epoch 2 step 3/", line):

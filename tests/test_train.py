@@ -47,6 +47,12 @@ def binarize_args(data: Path, out: Path, weights: Path, name: str, *extra: str) 
     ]  # fmt: skip
 
 
+def same_threads_env() -> dict[str, str]:
+    """The environment for a child process that must compute as this one does: CPU float
+    results depend on the number of threads (OMP_NUM_THREADS=1 outside, 2 in here)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def final_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["model"]
 
@@ -94,6 +100,7 @@ def test_interrupted_run_resumes_bit_identically(
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=same_threads_env(),  # float sums depend on the thread count
     )
     for line in proc.stderr:
         if re.search(r"epoch 1 step 3/", line):
@@ -117,32 +124,83 @@ def test_interrupted_run_resumes_bit_identically(
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_two_process_gloo_run_under_torchrun(small_cifar, resnet20_weights, tmp_path) -> None:
-    args = binarize_args(small_cifar, tmp_path, resnet20_weights, "ddp", "--epochs", "1", "-b", "8")
+DDP_ARGS = ("--epochs", "1", "-b", "8")
+VOLATILE = {"seconds", "img_per_s"}  # wall-clock columns of summary.csv
+
+
+def torchrun(args: list[str], **kw) -> list[str]:
+    """`torchrun --nproc_per_node 2 -m recu_cli ARGS` (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "-m", "recu_cli", *args]  # fmt: skip
+
+
+def digests(stdout: str) -> dict[str, str]:
+    return dict(re.findall(r"rank (\d)/2: final weights digest (\w+)", stdout))
+
+
+def summary_rows(run: Path) -> list[dict[str, str]]:
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(small_cifar, tmp_path_factory) -> tuple[Path, str]:
+    """One uninterrupted 2-process gloo run (run folder, stdout), shared by the DDP tests."""
+    from tests.conftest import RESNET20_WEIGHTS, require_shared
+
+    weights = require_shared(RESNET20_WEIGHTS)
+    out = tmp_path_factory.mktemp("ddp")
+    args = binarize_args(small_cifar, out, weights, "ddp", *DDP_ARGS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "recu_cli",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    proc = subprocess.run(torchrun(args), capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    digests = dict(re.findall(r"rank (\d)/2: final weights digest (\w+)", proc.stdout))
-    assert set(digests) == {"0", "1"}, proc.stdout[-3000:]
-    assert digests["0"] == digests["1"]
-    run = tmp_path / "ddp"
+    return out / "ddp", proc.stdout
+
+
+def test_two_process_gloo_run_under_torchrun(ddp_run) -> None:
+    run, stdout = ddp_run
+    found = digests(stdout)
+    assert set(found) == {"0", "1"}, stdout[-3000:]
+    assert found["0"] == found["1"]
     rows = list(csv.DictReader((run / "summary.csv").open()))
     assert len(rows) == 1 and (run / "last.safetensors").is_file()
+
+
+def test_two_process_run_interrupted_by_ctrl_c_resumes_exactly(
+    capsys, ddp_run, small_cifar, resnet20_weights, tmp_path
+) -> None:
+    """Ctrl-C in the terminal (SIGINT to torchrun and both ranks), resume under torchrun:
+    the summary (each rank's own loss sums) and the weights equal the uninterrupted run's;
+    a resume with another number of processes is refused in one line."""
+    straight, straight_out = ddp_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = binarize_args(small_cifar, tmp_path, resnet20_weights, "broken", *DDP_ARGS)
+    proc = subprocess.Popen(
+        torchrun(args), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # its own process group: the terminal's Ctrl-C reaches all
+    )  # fmt: skip
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if re.search(r"epoch 1 step 2/", line):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    err = "".join(seen) + err
+    broken = tmp_path / "broken"
+    assert "resume point saved" in err, err[-3000:]
+    assert (broken / "resume.pt").is_file() and not (broken / "last.safetensors").exists()
+
+    proc = subprocess.run(
+        torchrun(["binarize", "--resume", str(broken), "--quiet"]),
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary_rows(broken) == summary_rows(straight)
+    assert digests(proc.stdout) == digests(straight_out)
+
+    code, _, msg = run_cli(["binarize", "--resume", str(broken), "--quiet"], capsys)
+    assert_one_line_error(code, msg, "2 process", "nproc_per_node 2")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(

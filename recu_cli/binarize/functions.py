@@ -6,6 +6,8 @@ cannot store 0 and a packed checkpoint must reproduce the trained model exactly.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 ACT_EPS = 1e-5
@@ -71,11 +73,15 @@ class _RescaledApproxSign(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor) -> torch.Tensor:  # noqa: D102
         dims = tuple(range(1, a.dim()))
         n = a[0].numel()
+        acc = _accumulation_dtype(a)
         # unbiased variance from the first two moments: two fast reductions instead of
-        # torch.var_mean's Welford pass, which is ~15x slower on CPU for this layout
-        mean = a.mean(dim=dims, keepdim=True)
-        var = (a.square().sum(dim=dims, keepdim=True) - n * mean.square()) / (n - 1)
-        inv_std = torch.rsqrt(var.clamp_(min=0.0) + ACT_EPS)
+        # torch.var_mean's Welford pass, which is ~15x slower on CPU for this layout;
+        # accumulated in fp32 for half inputs (a sum of ~200k squares overflows fp16)
+        with _without_autocast(a.device.type):  # no autocast copies to fp32
+            mean = a.mean(dim=dims, keepdim=True, dtype=acc)
+            sq = a.square().sum(dim=dims, keepdim=True, dtype=acc)
+            var = (sq - n * mean.square()) / (n - 1)
+            inv_std = torch.rsqrt(var.clamp_(min=0.0) + ACT_EPS)
         ctx.save_for_backward(a, mean, inv_std)
         return sign_pos(a)
 
@@ -85,10 +91,35 @@ class _RescaledApproxSign(torch.autograd.Function):
         n = a[0].numel()
         g0 = a.abs()
         g0.mul_(-2.0 * inv_std).add_(2.0).clamp_(min=0.0).mul_(grad)
-        dot = torch.linalg.vecdot(g0.flatten(1), a.flatten(1)).view_as(mean)
-        coef = dot * inv_std.pow(3) / (n - 1)
+        coef = _per_sample_dot(g0, a).view_as(mean) * inv_std.pow(3) / (n - 1)
         g0.mul_(inv_std).addcmul_(a, coef, value=-1.0).add_(mean * coef)
         return g0
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _accumulation_dtype(a: torch.Tensor) -> torch.dtype:
+    """fp32 for fp16/bf16 tensors (their sums over a sample exceed 65504 once the loss is
+    scaled), the tensor's own dtype otherwise (fp32 and fp64 results are unchanged)."""
+    return torch.promote_types(a.dtype, torch.float32)
+
+
+def _per_sample_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum(x * y) over all dims but the first, as a [N] tensor in the accumulation dtype.
+
+    Reduces in memory order: a channels-last tensor is read as the [N, H*W*C] view it
+    already is (flatten(1) would copy it to NCHW first). x and y share y's layout.
+    """
+    acc = _accumulation_dtype(y)
+    if y.dtype != acc:  # half: products summed in fp32, never rounded to half
+        return (x * y).sum(dim=tuple(range(1, y.dim())), dtype=acc)
+    order = sorted(range(1, y.dim()), key=lambda d: -y.stride(d))
+    rows = [t.permute(0, *order).reshape(t.shape[0], -1) for t in (x, y)]
+    return torch.linalg.vecdot(rows[0], rows[1])
 
 
 def activation_sign(a: torch.Tensor, rescale: bool) -> torch.Tensor:

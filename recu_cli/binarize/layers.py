@@ -267,10 +267,12 @@ class ReCUConv2d(nn.Conv2d):
             w2 = self.quantize().w2
             wb, alpha = weight_sign_ste(w2), self.effective_alpha(w2)
         out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
+        # alpha and bias in the conv's output dtype: under autocast an fp32 [C,1,1] factor
+        # would promote the half output, and with it BN, the adds and the saved tensors
         if alpha is not None:
-            out = out * alpha
+            out = out * alpha.to(out.dtype)
         if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
+            out = out + self.bias.view(1, -1, 1, 1).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:  # noqa: D102

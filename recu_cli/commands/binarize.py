@@ -170,12 +170,37 @@ def binarize(
     alpha_mode: AlphaMode = "learned",
     no_standardize: NoStandardize = False,
     plain_sign: PlainSign = False,
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision on CUDA.")] = False,
+    amp: Annotated[
+        bool,
+        typer.Option(
+            "--amp",
+            help="Mixed precision (autocast) on CUDA; on the CPU the same code path, for tests. "
+            "Validation stays fp32.",
+        ),
+    ] = False,
     amp_dtype: Annotated[
-        str, typer.Option("--amp-dtype", help="bf16 (default) or fp16 (with a grad scaler).")
-    ] = "bf16",
+        str,
+        typer.Option(
+            "--amp-dtype",
+            help="auto (default): bf16 on GPUs of compute capability >= 8.0 with bf16 support "
+            "(A100, H100, RTX 30xx on) and on the CPU, fp16 with a grad scaler on older GPUs "
+            "(V100, T4, whose bf16 convolutions are slow); or bf16, fp16.",
+        ),
+    ] = "auto",
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            "--deterministic",
+            help="Deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN "
+            "deterministic, no cuDNN autotuning): a resumed GPU run then matches an "
+            "uninterrupted one to the bit; slower. CPU runs are exact without it.",
+        ),
+    ] = False,
     channels_last: Annotated[
-        bool, typer.Option("--channels-last", help="NHWC memory layout (faster on some GPUs).")
+        bool,
+        typer.Option(
+            "--channels-last", help="NHWC memory layout, student and teacher (faster on GPUs)."
+        ),
     ] = False,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")
@@ -184,8 +209,15 @@ def binarize(
         int, typer.Option("--seed", help="Seed of data order, augmentation and initialisation.")
     ] = 42,
     workers: Annotated[
-        int, typer.Option("--workers", "-j", min=0, help="Data loader processes.")
-    ] = 2,
+        int | None,
+        typer.Option(
+            "--workers",
+            "-j",
+            min=0,
+            help="Data-loading processes (default: 2 on the CPU; on CUDA the CPU cores per "
+            "GPU process minus one, at most 8).",
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option("--device", help="cpu, cuda, cuda:N (default: cuda if present)."),
@@ -306,6 +338,7 @@ def binarize(
             step0_eval=step0_eval,
             checkpoint_interval=checkpoint_interval,
             strict_data=strict_data,
+            deterministic=deterministic,
         )
         if plain_sign and (tau_min, tau_max) != (0.85, 0.99):
             raise RecuError(

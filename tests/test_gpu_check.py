@@ -1,0 +1,48 @@
+"""bench/gpu_check.sh: the parts that run without a GPU (syntax, refusal, generated data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_script_parses() -> None:
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
+
+
+def test_script_refuses_in_one_line_without_a_gpu(tmp_path) -> None:
+    """With no nvidia-smi on PATH (as on any machine without NVIDIA's driver), exit 2."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
+    bash = shutil.which("bash")
+    proc = subprocess.run(
+        [bash, str(BENCH / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(bin_dir)},
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no NVIDIA GPU" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_generated_images_are_an_image_folder(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = module.make_images(tmp_path / "data", classes=2, train_per_class=3, val_per_class=1)
+    train = sorted((root / "train").glob("*/*.jpg"))
+    assert len(train) == 6 and len(list((root / "val").glob("*/*.jpg"))) == 2
+    with Image.open(train[0]) as img:
+        assert img.size == (256, 256) and img.mode == "RGB"
+    first = train[0].read_bytes()
+    module.make_images(root, classes=2, train_per_class=3, val_per_class=1)  # reused as is
+    assert train[0].read_bytes() == first
