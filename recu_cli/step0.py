@@ -24,9 +24,8 @@ def measure_step0(
     """{"fp_top1", "before": {"top1", "one_sided_share"}, "after": {...}} (after only when
     the recipe has median thresholds); calibrates `converted` in place."""
     from recu_cli.calibrate import calibrate_thresholds, one_sided_share, sign_balance
-    from recu_cli.data import build_data, make_loader
+    from recu_cli.data import build_data, calibration_images, make_loader
     from recu_cli.evaluate import evaluate
-    from recu_cli.train import calibration_images
 
     bundle = build_data(data, spec, train=True)
     loader = make_loader(bundle.val, batch_size, workers)

@@ -35,7 +35,7 @@ from recu_cli.convert import (
     convert_model,
     set_tau,
 )
-from recu_cli.data import build_data, make_loader
+from recu_cli.data import build_data, calibration_images, make_loader
 from recu_cli.devices import (
     bind_device,
     configure_backends,
@@ -56,7 +56,7 @@ from recu_cli.distributed import (
 )
 from recu_cli.errors import RecuError
 from recu_cli.evaluate import EvalResult, batch_sums
-from recu_cli.imagecheck import BadItem, bad_of, check_tree, collate, fail_on_bad
+from recu_cli.imagecheck import bad_of, check_tree, collate, fail_on_bad
 from recu_cli.models import ModelSpec, create_model, reset_head
 from recu_cli.progress import make_progress
 from recu_cli.resumeclock import DEFAULT_INTERVAL, ResumeClock, parse_interval
@@ -1160,19 +1160,6 @@ def _ignore_sigint(worker_id: int) -> None:
 def _if_exists(path: Path) -> str | None:
     """A checkpoint path, or None when the run ended in stage 1 (nothing binary to pack)."""
     return str(path) if path.is_file() else None
-
-
-def calibration_images(data, n: int, seed: int) -> torch.Tensor:
-    """n training images (seeded choice) through the validation transforms: calibration
-    should see the data as the deployed model will, without augmentation."""
-    train = data.train
-    view = copy.copy(train)
-    if hasattr(view, "transform") and hasattr(data.val, "transform"):
-        view.transform = data.val.transform
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(view), generator=gen)[: min(n, len(view))].tolist()
-    items = [view[i] for i in picks]
-    return torch.stack([it[0] for it in items if not isinstance(it, BadItem)])
 
 
 def describe_step0(step0: dict[str, Any]) -> str:
