@@ -26,12 +26,12 @@ from recu_cli.models import create_model
 from recu_cli.runtime import keep_freed_memory, to_runtime
 from recu_cli.runtime.base import GroupedConv, RuntimeConv, WithBatchNorm
 from recu_cli.runtime.fp_int8 import Int8Conv2d, Int8Linear
-from recu_cli.runtime.fused import FusedBasicBlock, FusedStem
+from recu_cli.runtime.fused import FusedBasicBlock, FusedStage, FusedStem
 
 
 def group_of(m: nn.Module) -> str | None:
     """The Amdahl bucket of a leaf module (or of a fused one), None for containers."""
-    if isinstance(m, FusedBasicBlock):
+    if isinstance(m, (FusedBasicBlock, FusedStage)):
         return "fused blocks (binary convs + BN + shortcut + act + sign)"
     if isinstance(m, FusedStem):
         return "stem (conv + fused BN / act / max-pool)"
