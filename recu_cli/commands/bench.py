@@ -139,7 +139,7 @@ def _render(report: dict) -> None:
 def _bench_peers(
     target: str, engine: str, threads: list[int], batches: list[int], img_size: int | None,
     min_time: float, min_runs: int, seed: int, channels_last: bool, data: str | None,
-    json_out: bool, quiet: bool, fp_layers: str,
+    json_out: bool, quiet: bool, fp_layers: str, rounds: int,
 ) -> None:  # fmt: skip
     """`--peers`: recu's engines next to PyTorch, ONNX Runtime and OpenVINO (recu_cli.peers)."""
     from recu_cli.peers import run_peers
@@ -164,7 +164,7 @@ def _bench_peers(
     result = run_peers(
         models, chosen, status, threads, batches, data=data, min_time=min_time,
         min_runs=min_runs, seed=seed, channels_last=channels_last, on_step=step,
-        runtime_options={"fp_layers": fp_layers},
+        runtime_options={"fp_layers": fp_layers}, rounds=rounds,
     )  # fmt: skip
     report = {
         "model": models.name,
@@ -233,6 +233,15 @@ def bench(
             'and int8) against recu\'s engines (pip install -e ".[peers]").',
         ),
     ] = False,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds",
+            min=1,
+            help="With --peers: time every entry this many times, round after round, and keep "
+            "each entry's best median (a shared machine's slow spells then cost one round).",
+        ),
+    ] = 3,
     data: Annotated[
         str | None,
         typer.Option(
@@ -260,7 +269,7 @@ def bench(
     keep_freed_memory()  # every engine and peer in this process gets the same allocator
     if peers:
         _bench_peers(target, engine, thread_list, batch_list, img_size, min_time, min_runs,
-                     seed, channels_last, data, json_out, quiet, fp_layers)  # fmt: skip
+                     seed, channels_last, data, json_out, quiet, fp_layers, rounds)  # fmt: skip
         return
     chosen, status = _engines(engine)
     model, spec, name = _load(target)
