@@ -69,23 +69,33 @@ def _quantize_input(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     )
 
 
-class Int8Conv2d(nn.Module):
-    """nn.Conv2d as oneDNN u8 x s8 with float32 output (groups 1, zero padding)."""
+class _Int8Layer(nn.Module):
+    """What the int8 conv and linear share: the quantized weights, the input grid, and
+    oneDNN's prepacked weights, built on first use (they cannot be pickled or copied)."""
 
-    def __init__(self, conv: nn.Conv2d, rng: InputRange) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear, rng: InputRange) -> None:
         super().__init__()
-        self.stride, self.padding = list(conv.stride), list(conv.padding)
-        self.dilation = list(conv.dilation)
-        self.out_channels = conv.out_channels
+        self.outputs = layer.weight.shape[0]
         self.x_scale, self.x_zp = rng.quant_params()
-        w_q, self.w_scale = _weight_scales(conv.weight)
-        self.w_zp = torch.zeros(conv.out_channels, dtype=torch.int64)
-        self.bias = None if conv.bias is None else conv.bias.detach().float().clone()
-        self.w_q = w_q
+        self.w_q, self.w_scale = _weight_scales(layer.weight)
+        self.w_zp = torch.zeros(self.outputs, dtype=torch.int64)
+        self.bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self._packed: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_packed": None}  # oneDNN's packed weights cannot be pickled
+        return {**self.__dict__, "_packed": None}
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.outputs}, int8 (oneDNN), x_scale={self.x_scale:.4g}, x_zp={self.x_zp}"
+
+
+class Int8Conv2d(_Int8Layer):
+    """nn.Conv2d as oneDNN u8 x s8 with float32 output (groups 1, zero padding)."""
+
+    def __init__(self, conv: nn.Conv2d, rng: InputRange) -> None:
+        super().__init__(conv, rng)
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation = list(conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self._packed is None:
@@ -100,25 +110,9 @@ class Int8Conv2d(nn.Module):
             self.stride, self.padding, self.dilation, 1, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
 
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"{self.out_channels}, int8 (oneDNN), x_scale={self.x_scale:.4g}, x_zp={self.x_zp}"
 
-
-class Int8Linear(nn.Module):
+class Int8Linear(_Int8Layer):
     """nn.Linear as oneDNN u8 x s8 with float32 output."""
-
-    def __init__(self, fc: nn.Linear, rng: InputRange) -> None:
-        super().__init__()
-        self.out_features = fc.out_features
-        self.x_scale, self.x_zp = rng.quant_params()
-        w_q, self.w_scale = _weight_scales(fc.weight)
-        self.w_zp = torch.zeros(fc.out_features, dtype=torch.int64)
-        self.bias = None if fc.bias is None else fc.bias.detach().float().clone()
-        self.w_q = w_q
-        self._packed: torch.Tensor | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_packed": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self._packed is None:
@@ -129,10 +123,7 @@ class Int8Linear(nn.Module):
             q, self.x_scale, self.x_zp, self._packed, self.w_scale, self.w_zp, self.bias,
             1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
-        return out.reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"{self.out_features}, int8 (oneDNN), x_scale={self.x_scale:.4g}, x_zp={self.x_zp}"
+        return out.reshape(*lead, self.outputs)
 
 
 def _eligible(m: nn.Module) -> bool:

@@ -437,16 +437,19 @@ void run_tasks(const ConvGeom& g, int64_t begin, int64_t end, int64_t pb, int64_
 // tiles of those pixels stored v = bn(conv(x)) for every channel block, so the data is in L1:
 //   y = act(v + res); store y; next conv's input bit = y >= nbeta.
 // Same float operations, same order, as the float block act(bn(conv(x)) + shortcut).
-void post_generic(const ConvGeom& g, int64_t p0, int64_t p1) {
+// Where output pixel p's sign bits go in the next conv's zero-bordered input (nullptr: none).
+inline uint32_t* next_bits(const ConvGeom& g, int64_t p) {
+  if (!g.nbits) return nullptr;
   const int64_t hw = g.Ho * g.Wo;
+  const int64_t n = p / hw, r = p - n * hw, y = r / g.Wo, x = r - y * g.Wo;
+  return g.nbits + ((n * g.nHp + y + g.nph) * g.nWp + x + g.npw) * g.nCW * 2;
+}
+
+void post_generic(const ConvGeom& g, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     float* o = g.out + p * g.Cout;
     const float* r = g.res ? g.res + p * g.Cout : nullptr;
-    uint32_t* nb = nullptr;
-    if (g.nbits) {
-      const int64_t n = p / hw, rr = p - n * hw, y = rr / g.Wo, x = rr - y * g.Wo;
-      nb = g.nbits + ((n * g.nHp + y + g.nph) * g.nWp + x + g.npw) * g.nCW * 2;
-    }
+    uint32_t* nb = next_bits(g, p);
     for (int64_t c0 = 0; c0 < g.Cout; c0 += 32) {
       uint32_t bits = 0;
       for (int64_t c = c0; c < std::min(g.Cout, c0 + 32); ++c) {
@@ -462,32 +465,32 @@ void post_generic(const ConvGeom& g, int64_t p0, int64_t p1) {
 }
 
 #if RECU_X86
-T512 void post_avx512(const ConvGeom& g, int64_t p0, int64_t p1) {
-  const int64_t hw = g.Ho * g.Wo;
-  const __m512 lo = _mm512_set1_ps(g.act.lo), hi = _mm512_set1_ps(g.act.hi);
+// `activate` on 16 floats; w: the PReLU slopes of these channels. Operand order keeps NaN.
+T512 inline __m512 activate512(const ActSpec& a, __m512 v, __m512 w) {
   const __m512 zero = _mm512_setzero_ps();
+  switch (a.kind) {
+    case ACT_RELU: return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
+    case ACT_HARDTANH:
+      return _mm512_min_ps(_mm512_set1_ps(a.hi), _mm512_max_ps(_mm512_set1_ps(a.lo), v));
+    case ACT_PRELU:
+      return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), _mm512_mul_ps(w, v), v);
+    default: return v;
+  }
+}
+
+T512 void post_avx512(const ConvGeom& g, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     float* o = g.out + p * g.Cout;
     const float* r = g.res ? g.res + p * g.Cout : nullptr;
-    uint32_t* nb = nullptr;
-    if (g.nbits) {
-      const int64_t n = p / hw, rr = p - n * hw, y = rr / g.Wo, x = rr - y * g.Wo;
-      nb = g.nbits + ((n * g.nHp + y + g.nph) * g.nWp + x + g.npw) * g.nCW * 2;
-    }
+    uint32_t* nb = next_bits(g, p);
     uint32_t bits = 0;
     for (int64_t c = 0; c < g.Cout; c += 16) {
       const int64_t rem = g.Cout - c;
       const __mmask16 m = rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
       __m512 v = _mm512_maskz_loadu_ps(m, o + c);
       if (r) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r + c));
-      if (g.act.kind == ACT_RELU) {
-        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
-      } else if (g.act.kind == ACT_HARDTANH) {
-        v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-      } else if (g.act.kind == ACT_PRELU) {
-        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ),
-                                 _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g.act.w + c), v), v);
-      }
+      const __m512 w = g.act.w ? _mm512_maskz_loadu_ps(m, g.act.w + c) : _mm512_setzero_ps();
+      v = activate512(g.act, v, w);
       _mm512_mask_storeu_ps(o + c, m, v);
       const __mmask16 k = _mm512_mask_cmp_ps_mask(m, v, _mm512_maskz_loadu_ps(m, g.nbeta + c),
                                                   _CMP_GE_OQ);
@@ -699,7 +702,6 @@ void pool_row_generic(const PoolGeom& g, int64_t n, int64_t oy) {
 
 #if RECU_X86
 T512 void pool_row_avx512(const PoolGeom& g, int64_t n, int64_t oy) {
-  const __m512 lo = _mm512_set1_ps(g.act.lo), hi = _mm512_set1_ps(g.act.hi);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t ox = 0; ox < g.Wo; ++ox) {
     float* o = g.out + ((n * g.Ho + oy) * g.Wo + ox) * g.C;
@@ -719,14 +721,7 @@ T512 void pool_row_avx512(const PoolGeom& g, int64_t n, int64_t oy) {
           if (ix < 0 || ix >= g.W) continue;
           __m512 v = _mm512_maskz_loadu_ps(lm, g.x + ((n * g.H + iy) * g.W + ix) * g.C + c);
           if (g.bn_a) v = _mm512_fmadd_ps(v, a, b);
-          if (g.act.kind == ACT_RELU) {
-            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);
-          } else if (g.act.kind == ACT_HARDTANH) {
-            v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-          } else if (g.act.kind == ACT_PRELU) {
-            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ),
-                                     _mm512_mul_ps(w, v), v);
-          }
+          v = activate512(g.act, v, w);
           nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
           m = _mm512_max_ps(m, v);
         }
