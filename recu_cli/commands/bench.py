@@ -213,8 +213,12 @@ def bench(
         typer.Option("--min-runs", min=1, help="At least this many timed replicates (slow calls)."),
     ] = 10,
     layers: Annotated[
-        bool, typer.Option("--layers/--no-layers", help="Also time each binary layer alone.")
-    ] = True,
+        bool,
+        typer.Option(
+            "--layers/--no-layers",
+            help="Also time each binary layer alone (several times longer; off by default).",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random input.")] = 0,
     channels_last: Annotated[
         bool,
