@@ -750,14 +750,7 @@ class Trainer:
         )
 
     def _check_world_size(self, saved: int | None) -> None:
-        """Steps per epoch, the schedule's length and each rank's shard depend on it."""
-        if saved is not None and saved != self.info.world_size:
-            how = f"torchrun --nproc_per_node {saved} -m recu_cli" if saved > 1 else "recu"
-            raise RecuError(
-                f"{self.run_dir} was trained by {saved} process(es), this resume has "
-                f"{self.info.world_size}: resume with the same number ({how} binarize "
-                f"--resume {self.run_dir})"
-            )
+        check_world_size(self.run_dir, saved, self.info.world_size)
 
     def _load_scaler(self, saved: dict[str, Any]) -> None:
         """An empty state comes from a scaler that was off (bf16, fp32, or a machine
@@ -1205,14 +1198,29 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         raise RecuError(f"{path} is damaged ({e}); start a new run") from e
 
 
-def read_position(run_dir: Path) -> Position:
-    """Where a run's resume point is (memory-mapped: reads only the small part)."""
+def check_world_size(run_dir: Path, saved: int | None, current: int) -> None:
+    """Steps per epoch, the schedule's length and each rank's shard depend on it."""
+    if saved is not None and saved != current:
+        how = f"torchrun --nproc_per_node {saved} -m recu_cli" if saved > 1 else "recu"
+        raise RecuError(
+            f"{run_dir} was trained by {saved} process(es), this resume has "
+            f"{current}: resume with the same number ({how} binarize --resume {run_dir})"
+        )
+
+
+def read_position(run_dir: Path, world_size: int | None = None) -> Position:
+    """Where a run's resume point is (memory-mapped: reads only the small part); with
+    world_size, also refuse a resume point written by another number of processes."""
     path = run_dir / "resume.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return Position(**state["position"])
+        position = Position(**state["position"])
+        saved = state.get("world_size")
     except Exception as e:  # noqa: BLE001 - any damage means the same thing to the user
         raise RecuError(
             f"cannot resume from {path} ({type(e).__name__}); the file is damaged or from "
             "another run: start a new run"
         ) from e
+    if world_size is not None:
+        check_world_size(run_dir, int(saved) if saved is not None else None, world_size)
+    return position

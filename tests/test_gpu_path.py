@@ -186,7 +186,7 @@ def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
     trainer.metrics = StepMetrics(device)
     reads: list[int] = []
 
-    def sync(stop_requested, info):
+    def sync(stop_requested, info, save_wanted=False):
         reads.append(trainer.pos.step_in_epoch)
         raise _FirstRead
 

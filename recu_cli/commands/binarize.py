@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -390,7 +391,8 @@ def _resumed(ctx: typer.Context, run_dir: Path, quiet: bool):
         and (src := ctx.get_parameter_source(name)) is not None
         and src.name in ("COMMANDLINE", "ENVIRONMENT")
     }
-    done = read_position(run_dir)
+    # torchrun's WORLD_SIZE: a resume with another number of processes is refused first
+    done = read_position(run_dir, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     cfg, changes = apply_resume_flags(saved, given, str(run_dir), done)
     cfg.validate()
     if finished(cfg, done):
