@@ -2,16 +2,18 @@
 
 Once the binary convs are fast, a BNN's time goes to the float work around them: the
 shortcut add, the activation and the sign of every block's input are separate passes over
-memory, each one a Python module call. In NHWC the xnor kernel can do all of it in its
-epilogue, while the 32-channel tile is still in registers (csrc/xnor.cpp, `conv_block`):
+memory, each one a Python module call. In NHWC the xnor kernel does all of it in its
+epilogue, on each chunk of 64 output pixels while it is still in L1 (csrc/xnor.cpp,
+`conv_block` / `XnorBlock`):
 
     out1 = act1(bn1(conv1(x)) + shortcut)     ->  float out1 and the sign bits of conv2's input
-    out  = act2(bn2(conv2(out1)) + out1)      ->  float out
+    out  = act2(bn2(conv2(out1)) + out1)      ->  float out (and, in a stage, the next block's bits)
 
-so a block packs its input once and writes each activation once. The stem's BatchNorm,
-activation and max-pool become one pass too (`bn_act_pool`). Every float operation is the
-one the float deploy form computes, in the same order (fold.py for the BatchNorm), so the
-logits stay bit-identical to the float deploy model in NHWC; tests check that.
+so a block packs its input at most once and writes each activation once; a stage of such
+blocks is one C++ call (`XnorChain`). The stem's BatchNorm, activation and max-pool become
+one pass too (`bn_act_pool`). Every float operation is the one the float deploy form
+computes, in the same order (fold.py for the BatchNorm), so the logits stay bit-identical
+to the float deploy model in NHWC; tests/test_fused.py checks that.
 
 Fusion applies to BiRealBasicBlock (timm / torchvision ResNet-18/34, recu's CIFAR ResNets)
 whose two binary convs have their BatchNorm folded and whose `aa` / `se` are identities, and
