@@ -246,3 +246,57 @@ def test_fp_layers_bad_input() -> None:
         to_runtime(block, "xnor", channels_last=True, fp_layers="int8")
     with pytest.raises(RecuError, match="--fp-layers must be one of"):
         to_runtime(block, "xnor", fp_layers="fp16")
+
+
+def test_eval_runtime_cli_nhwc_and_int8_float_layers(tmp_path, capsys, resnet20_weights) -> None:
+    """`recu eval --runtime xnor` (the NHWC fast path) gives the torch model's numbers in
+    the same layout; --fp-layers int8 runs, calibrated, and only with a runtime engine."""
+    import json
+
+    from tests.conftest import CIFAR, require_shared
+    from tests.test_cli_models import assert_one_line_error, run_cli
+
+    require_shared(CIFAR)
+    packed = tmp_path / "r20.safetensors"
+    code, _, err = run_cli(
+        ["convert", "resnet20", "--weights", str(resnet20_weights), "-o", str(packed)], capsys
+    )
+    assert code == 0, err
+    common = ["--data", str(CIFAR), "--max-batches", "1", "-b", "100", "-j", "0", "--json"]
+
+    def top1(*extra: str) -> dict:
+        code, out, err = run_cli(["eval", str(packed), *common, *extra], capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    torch_nhwc = top1("--channels-last")
+    fast = top1("--runtime", "xnor")
+    assert fast["top1"] == torch_nhwc["top1"] and fast["loss"] == torch_nhwc["loss"]
+    int8 = top1("--runtime", "xnor", "--fp-layers", "int8", "--calib-images", "32")
+    assert int8["images"] == 100 and 0.0 <= int8["top1"] <= 100.0
+    code, _, err = run_cli(["eval", str(packed), *common, "--fp-layers", "int8"], capsys)
+    assert_one_line_error(code, err, "--fp-layers applies to --runtime")
+    code, _, err = run_cli(["eval", str(packed), *common, "--runtime", "xnor",
+                            "--fp-layers", "fp16"], capsys)  # fmt: skip
+    assert_one_line_error(code, err, "--fp-layers must be one of")
+
+
+def test_bench_json_reports_fp_layers_and_the_nhwc_default(capsys) -> None:
+    import json
+
+    from tests.test_cli_models import run_cli
+
+    args = ["bench", "resnet20", "--json", "--threads", "1", "--batch", "2", "--engine", "xnor",
+            "--min-time", "0.01", "--min-runs", "3"]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    exact = json.loads(out)
+    assert exact["channels_last"] is True and exact["fp_layers"] == "exact"
+    assert exact["results"][0]["identical_outputs"] is True
+    code, out, err = run_cli([*args, "--fp-layers", "int8"], capsys)
+    assert code == 0, err
+    int8 = json.loads(out)
+    assert int8["fp_layers"] == "int8"
+    row = int8["results"][0]
+    assert row["bit_exact"] is True  # the binary layers stay integer-exact
+    assert row["identical_outputs"] is False and row["max_rel_diff"] > 0  # the rest is int8
