@@ -172,21 +172,6 @@ def register_fakes() -> None:
         return torch.empty((n, cout, ho, wo), dtype=torch.float32, device=x.device,
                            memory_format=fmt)  # fmt: skip
 
-    @reg("recu_xnor::pack_thresholded")
-    def _pack_thresholded(x: torch.Tensor, ph: int, pw: int, *rest: Any) -> torch.Tensor:
-        return _pack_activations(x, ph, pw, 0)
-
-    @reg("recu_xnor::conv_block")
-    def _conv_block(a: torch.Tensor, wpk: torch.Tensor, cout: int, kh: int, kw: int, sh: int,
-                    sw: int, dh: int, dw: int, *rest: Any) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        n, hp, wp, _ = a.shape
-        ho, wo = _out_hw(hp, wp, kh, kw, sh, sw, 0, 0, dh, dw)
-        emit_bits, next_ph, next_pw = rest[-5], rest[-3], rest[-2]
-        out = torch.empty((n, cout, ho, wo), dtype=torch.float32, device=a.device,
-                          memory_format=torch.channels_last)  # fmt: skip
-        shape = (n, ho + 2 * next_ph, wo + 2 * next_pw, (cout + 63) // 64) if emit_bits else (0,)
-        return out, a.new_empty(shape)
-
     @reg("recu_xnor::bn_act_pool")
     def _bn_act_pool(x: torch.Tensor, *rest: Any, out: Any = None) -> torch.Tensor:
         pk, ps, pp = rest[6:9]

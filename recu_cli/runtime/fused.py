@@ -4,7 +4,7 @@ Once the binary convs are fast, a BNN's time goes to the float work around them:
 shortcut add, the activation and the sign of every block's input are separate passes over
 memory, each one a Python module call. In NHWC the xnor kernel does all of it in its
 epilogue, on each chunk of 64 output pixels while it is still in L1 (csrc/xnor.cpp,
-`conv_block` / `XnorBlock`):
+`XnorBlock`):
 
     out1 = act1(bn1(conv1(x)) + shortcut)     ->  float out1 and the sign bits of conv2's input
     out  = act2(bn2(conv2(out1)) + out1)      ->  float out (and, in a stage, the next block's bits)

@@ -197,7 +197,7 @@ struct ConvGeom {
   const int32_t* xmap;   // [Wo] column class
   float* out;
   int64_t toff[64];      // tap offsets in words (kh*kw <= 64)
-  // Fused block epilogue (conv_block, NHWC only), after the BatchNorm:
+  // Fused block epilogue (XnorBlock, NHWC only), after the BatchNorm:
   //   v = act(v + res);  store v;  next conv's input bit = v >= nbeta
   // in the order of the float block act(bn(conv(x)) + shortcut) and the next sign(x - beta).
   bool post;             // any of the three below
@@ -433,7 +433,7 @@ void run_tasks(const ConvGeom& g, int64_t begin, int64_t end, int64_t pb, int64_
   }
 }
 
-// The fused block epilogue (conv_block) on output pixels p0..p1-1, right after the conv
+// The fused block epilogue (XnorBlock) on output pixels p0..p1-1, right after the conv
 // tiles of those pixels stored v = bn(conv(x)) for every channel block, so the data is in L1:
 //   y = act(v + res); store y; next conv's input bit = y >= nbeta.
 // Same float operations, same order, as the float block act(bn(conv(x)) + shortcut).
@@ -504,7 +504,7 @@ T512 void post_avx512(const ConvGeom& g, int64_t p0, int64_t p1) {
 }
 #endif
 
-// conv_block's schedule: a task is one chunk of pixels through every channel block, then the
+// A fused conv's schedule: a task is one chunk of pixels through every channel block, then the
 // fused epilogue on that chunk while it is in cache.
 template <void (*TILE)(const ConvGeom&, const Tile&, int64_t), void (*POST)(const ConvGeom&, int64_t, int64_t)>
 void run_chunks_post(const ConvGeom& g, int64_t begin, int64_t end, int64_t pb, int64_t pe) {
@@ -741,12 +741,6 @@ at::Tensor pack_activations(const at::Tensor& x, int64_t ph, int64_t pw, int64_t
   return pack_impl(x, ph, pw, isa);
 }
 
-// The input bits of a binary conv with an activation threshold: bit = x >= beta (sign(x - beta)).
-at::Tensor pack_thresholded(const at::Tensor& x, int64_t ph, int64_t pw,
-                            const c10::optional<at::Tensor>& beta, int64_t isa) {
-  return pack_impl(x, ph, pw, isa, opt_float(beta, x.size(1), "beta"));
-}
-
 // w: float [Cout, Cin, kh, kw] (+-1); returns int64 [CB, kh, kw, CW, 32] with bit = (w >= 0).
 at::Tensor pack_weights(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 4, "recu xnor: weights must be 4-D");
@@ -790,8 +784,8 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& wpk, int64_t cout, int64_
 // One binary conv of a Bi-Real block with the block's float work fused into its epilogue
 // (NHWC): out = act(bn(conv(a)) + residual), and, if emit_bits, the packed input of the next
 // binary conv (its threshold next_beta, its zero padding next_ph/next_pw), so that each block
-// reads and writes its activations once. `a` comes from pack_thresholded or an earlier
-// conv_block. Returns (out, next bits or an empty tensor).
+// reads and writes its activations once. `a`: packed by XnorBlock, or the bits an earlier
+// conv wrote. run_conv(call.g, ...) then fills call.out (and call.bits).
 struct BlockCall {
   ConvGeom g;
   at::Tensor out, bits, zeros_beta;  // keep what g points into alive
@@ -843,27 +837,6 @@ BlockCall prepare_block(
     g.nbeta = c.zeros_beta.data_ptr<float>();
   }
   return c;
-}
-
-// One binary conv of a Bi-Real block with the block's float work fused into its epilogue
-// (NHWC): out = act(bn(conv(a)) + residual), and, if emit_bits, the packed input of the next
-// binary conv (its threshold next_beta, its zero padding next_ph/next_pw), so that each block
-// reads and writes its activations once. `a` comes from pack_thresholded or an earlier
-// conv_block. Returns (out, next bits or an empty tensor).
-std::tuple<at::Tensor, at::Tensor> conv_block(
-    const at::Tensor& a, const at::Tensor& wpk, int64_t cout, int64_t kh, int64_t kw, int64_t sh,
-    int64_t sw, int64_t dh, int64_t dw, const at::Tensor& ktab, const at::Tensor& s,
-    const c10::optional<at::Tensor>& t, const c10::optional<at::Tensor>& bn_a,
-    const c10::optional<at::Tensor>& bn_c, const at::Tensor& ymap, const at::Tensor& xmap,
-    const c10::optional<at::Tensor>& residual, int64_t act, double act_lo, double act_hi,
-    const c10::optional<at::Tensor>& act_w, bool emit_bits,
-    const c10::optional<at::Tensor>& next_beta, int64_t next_ph, int64_t next_pw, int64_t isa) {
-  isa = resolve_isa(isa);
-  BlockCall c = prepare_block(a, wpk, cout, kh, kw, sh, sw, dh, dw, ktab, s, t, bn_a, bn_c, ymap,
-                              xmap, residual, act, act_lo, act_hi, act_w, emit_bits, next_beta,
-                              next_ph, next_pw);
-  run_conv(c.g, isa);
-  return {c.out, c.bits};
 }
 
 // BatchNorm (fma(x, a, c), as fold.py checks against ATen), activation and a k x k max-pool
@@ -947,9 +920,6 @@ struct XnorBlock : torch::CustomClassHolder {
   std::vector<int64_t> ds_stride, ds_pad, ds_dil;
   double ds_eps = 1e-5;
   int64_t isa = -1;
-  int64_t band_floats = BAND_FLOATS;
-
-  void set_band(int64_t floats) { band_floats = floats; }
 
   void set_conv(int64_t i, at::Tensor wpk, int64_t cout, int64_t kh, int64_t kw, int64_t sh,
                 int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, at::Tensor ktab,
@@ -1020,7 +990,7 @@ struct XnorBlock : torch::CustomClassHolder {
   // next step reads them (layer1 of a ResNet-18 holds three 800 KB tensors, more than L2).
   void run_banded(const Packer* pk, int64_t H, const ConvGeom& g1, const ConvGeom& g2) const {
     const int64_t H1 = g1.Ho, W1 = g1.Wo, H2 = g2.Ho, W2 = g2.Wo;
-    const int64_t band = std::max<int64_t>(1, band_floats / std::max<int64_t>(1, W2 * g2.Cout));
+    const int64_t band = std::max<int64_t>(1, BAND_FLOATS / std::max<int64_t>(1, W2 * g2.Cout));
     for (int64_t n = 0; n < g2.N; ++n) {
       int64_t x_done = 0, o1_done = 0;
       for (int64_t o2 = 0; o2 < H2; o2 += band) {
@@ -1128,7 +1098,6 @@ TORCH_LIBRARY(recu_xnor, lib) {
       .def("set_conv", &recu::XnorBlock::set_conv)
       .def("set_input", &recu::XnorBlock::set_input)
       .def("set_downsample", &recu::XnorBlock::set_downsample)
-      .def("set_band", &recu::XnorBlock::set_band)
       .def("forward", &recu::XnorBlock::forward);
   lib.class_<recu::XnorChain>("XnorChain")
       .def(torch::init<>())
@@ -1137,18 +1106,12 @@ TORCH_LIBRARY(recu_xnor, lib) {
   lib.def("detect_isa() -> int", &recu::detect_isa);
   lib.def("isa_supported(int isa) -> bool", &recu::isa_supported);
   lib.def("pack_activations(Tensor x, int ph, int pw, int isa) -> Tensor");
-  lib.def("pack_thresholded(Tensor x, int ph, int pw, Tensor? beta, int isa) -> Tensor");
   lib.def("pack_weights(Tensor w) -> Tensor");
   lib.def(
       "conv(Tensor x, Tensor wpk, int cout, int kh, int kw, int sh, int sw, int ph, int pw, "
       "int dh, int dw, Tensor ktab, Tensor s, Tensor? t, Tensor? bn_a, Tensor? bn_c, Tensor ymap, "
       "Tensor xmap, int isa) "
       "-> Tensor");
-  lib.def(
-      "conv_block(Tensor a, Tensor wpk, int cout, int kh, int kw, int sh, int sw, int dh, int dw, "
-      "Tensor ktab, Tensor s, Tensor? t, Tensor? bn_a, Tensor? bn_c, Tensor ymap, Tensor xmap, "
-      "Tensor? residual, int act, float act_lo, float act_hi, Tensor? act_w, bool emit_bits, "
-      "Tensor? next_beta, int next_ph, int next_pw, int isa) -> (Tensor, Tensor)");
   lib.def("quantize_u8(Tensor x, float scale, int zp, int isa) -> Tensor");
   lib.def(
       "bn_act_pool(Tensor x, Tensor? bn_a, Tensor? bn_c, int act, float act_lo, float act_hi, "
@@ -1157,10 +1120,8 @@ TORCH_LIBRARY(recu_xnor, lib) {
 
 TORCH_LIBRARY_IMPL(recu_xnor, CPU, lib) {
   lib.impl("pack_activations", &recu::pack_activations);
-  lib.impl("pack_thresholded", &recu::pack_thresholded);
   lib.impl("pack_weights", &recu::pack_weights);
   lib.impl("conv", &recu::conv);
-  lib.impl("conv_block", &recu::conv_block);
   lib.impl("bn_act_pool", &recu::bn_act_pool);
   lib.impl("quantize_u8", &recu::quantize_u8);
 }
