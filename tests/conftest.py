@@ -24,6 +24,18 @@ def require_shared(path: Path) -> Path:
     pytest.skip(msg)
 
 
+def link_tree(dst: Path, per_split: dict[str, int]) -> Path:
+    """An ImageFolder tree of real CIFAR-10 JPEGs (symlinks, nothing copied)."""
+    require_shared(CIFAR)
+    for split, n in per_split.items():
+        for cls_dir in sorted((CIFAR / split).iterdir()):
+            d = dst / split / cls_dir.name
+            d.mkdir(parents=True)
+            for img in sorted(cls_dir.iterdir())[:n]:
+                (d / img.name).symlink_to(img)
+    return dst
+
+
 @pytest.fixture
 def cifar_dir() -> Path:
     return require_shared(CIFAR)

@@ -16,7 +16,7 @@ from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.models import ModelSpec
-from tests.conftest import CIFAR, REPO, cifar_batch, require_shared
+from tests.conftest import CIFAR, REPO, cifar_batch, link_tree, require_shared
 from tests.test_cli_models import assert_one_line_error, run_cli
 
 onnx = pytest.importorskip("onnx", reason='export extras absent: pip install -e ".[export]"')
@@ -36,15 +36,7 @@ N_IMAGES = 500
 @pytest.fixture(scope="module")
 def small_cifar(tmp_path_factory) -> Path:
     """train: 8 images per class, val: 4 per class, linked from the shared data."""
-    require_shared(CIFAR)
-    root = tmp_path_factory.mktemp("cifar_small")
-    for split, n in (("train", 8), ("val", 4)):
-        for cls_dir in sorted((CIFAR / split).iterdir()):
-            dst = root / split / cls_dir.name
-            dst.mkdir(parents=True)
-            for img in sorted(cls_dir.iterdir())[:n]:
-                (dst / img.name).symlink_to(img)
-    return root
+    return link_tree(tmp_path_factory.mktemp("cifar_small"), {"train": 8, "val": 4})
 
 
 @pytest.fixture(scope="module")

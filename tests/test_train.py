@@ -27,17 +27,9 @@ RUN_ARGS = [
 @pytest.fixture(scope="module")
 def small_cifar(tmp_path_factory) -> Path:
     """train: 12 images per class, val: 6 per class, linked (not copied) from shared data."""
-    from tests.conftest import CIFAR, require_shared
+    from tests.conftest import link_tree
 
-    require_shared(CIFAR)
-    root = tmp_path_factory.mktemp("cifar_small")
-    for split, n in (("train", 12), ("val", 6)):
-        for cls_dir in sorted((CIFAR / split).iterdir()):
-            dst = root / split / cls_dir.name
-            dst.mkdir(parents=True)
-            for img in sorted(cls_dir.iterdir())[:n]:
-                (dst / img.name).symlink_to(img)
-    return root
+    return link_tree(tmp_path_factory.mktemp("cifar_small"), {"train": 12, "val": 6})
 
 
 def binarize_args(data: Path, out: Path, weights: Path, name: str, *extra: str) -> list[str]:

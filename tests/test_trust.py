@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CIFAR, REPO, RESNET20_WEIGHTS, require_shared
+from tests.conftest import CIFAR, REPO, RESNET20_WEIGHTS, link_tree, require_shared
 from tests.test_cli_models import assert_one_line_error, run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "120"}
@@ -76,18 +76,6 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def link_tree(dst: Path, per_split: dict[str, int]) -> Path:
-    """An ImageFolder tree of real CIFAR-10 JPEGs (symlinks, nothing copied)."""
-    require_shared(CIFAR)
-    for split, n in per_split.items():
-        for cls_dir in sorted((CIFAR / split).iterdir()):
-            d = dst / split / cls_dir.name
-            d.mkdir(parents=True)
-            for img in sorted(cls_dir.iterdir())[:n]:
-                (d / img.name).symlink_to(img)
-    return dst
 
 
 @pytest.fixture(scope="module")
