@@ -6,7 +6,7 @@ ratio is robust to whatever else the machine is doing. Target: <= 1.5x on CPU, f
 paper's layer and for the default (finetune) recipe's layer in both of its stages.
 
     python bench/train_step.py                # resnet20 (32 px, b 128) and resnet18 (224 px, b 16)
-    python bench/train_step.py --threads 2 --rounds 7
+    python bench/train_step.py --threads 2 --rounds 7 --models resnet20
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
+    ap.add_argument("--models", nargs="*", default=[c[0] for c in CASES], help="cases to run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}"
     )
-    for name, size, batch in CASES:
+    for name, size, batch in (c for c in CASES if c[0] in args.models):
         fp, _ = create_model(name, num_classes=10)
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
