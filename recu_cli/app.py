@@ -8,9 +8,9 @@ import sys
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from recu_cli import __version__
+from recu_cli.console import console, err_console
 
 app = typer.Typer(
     name="recu",
@@ -21,8 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, highlight=False)
+__all__ = ["DEBUG", "app", "console", "err_console", "print_json", "strict"]
 
 DEBUG = {"enabled": False}
 

@@ -95,6 +95,26 @@ class ConvertConfig:
         }
 
 
+# command parameter -> ConvertConfig field, where the flag's name is not the field's
+OPTION_ALIASES = {"act": "activation"}
+
+
+def convert_options(params: dict[str, Any]) -> dict[str, Any]:
+    """ConvertConfig fields named by command parameters (None: not set); the ablation
+    switches --no-standardize and --plain-sign turn parts of ReCU's weight path off."""
+    names = set(ConvertConfig.__dataclass_fields__)
+    out = {}
+    for key, value in params.items():
+        name = OPTION_ALIASES.get(key, key)
+        if name in names and value is not None:
+            out[name] = tuple(value) if name == "keep" else value
+    if params.get("no_standardize") or params.get("plain_sign"):
+        out["standardize"] = False
+    if params.get("plain_sign"):
+        out["clamp"] = False
+    return out
+
+
 @dataclass
 class LayerEntry:
     name: str

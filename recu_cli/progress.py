@@ -13,7 +13,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from recu_cli.app import err_console
+from recu_cli.console import err_console
 
 
 def make_progress(quiet: bool = False) -> Progress:

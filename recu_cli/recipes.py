@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from recu_cli.errors import RecuError
-from recu_cli.models import few
 
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -41,6 +40,8 @@ def recipe_settings(name: str, epochs: int) -> dict[str, Any]:
     """The settings of a recipe for a run of `epochs`: TrainConfig fields, plus 'convert'
     for ConvertConfig."""
     if name not in RECIPES:
+        from recu_cli.models import few
+
         raise RecuError(f"unknown --recipe '{name}'; choose one of {few(list(RECIPES), 5)}")
     settings = {k: v for k, v in RECIPES[name].items() if k not in ("convert", "stage1_share")}
     if "stage1_share" in RECIPES[name]:

@@ -170,7 +170,7 @@ def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
     end of this 7-step epoch without logging)."""
     from recu_cli.progress import make_progress
     from recu_cli.step_metrics import StepMetrics
-    from recu_cli.train import _StopOnSigint
+    from recu_cli.training.signals import StopOnSigint as _StopOnSigint
 
     cfg = short_config(
         small_cifar, resnet20_weights, tmp_path, "steps", max_steps=None, log_interval=log_interval

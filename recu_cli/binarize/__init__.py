@@ -1,14 +1,26 @@
-"""ReCU binarization: sign functions, layers and the tau schedule."""
+"""ReCU binarization: sign functions, layers and the tau schedule.
 
-from recu_cli.binarize.functions import sign_pos
-from recu_cli.binarize.layers import BinaryConv2d, ReCUConv2d, recu_threshold
-from recu_cli.binarize.tau import constant_tau, tau_schedule
+The names load on first use: `recu_cli.binarize.tau` (plain Python) is read by the
+command line's defaults, which must not pay for importing torch.
+"""
 
-__all__ = [
-    "BinaryConv2d",
-    "ReCUConv2d",
-    "constant_tau",
-    "recu_threshold",
-    "sign_pos",
-    "tau_schedule",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "sign_pos": "functions",
+    "BinaryConv2d": "layers",
+    "ReCUConv2d": "layers",
+    "recu_threshold": "layers",
+    "constant_tau": "tau",
+    "tau_schedule": "tau",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

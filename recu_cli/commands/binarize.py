@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from recu_cli.app import app, console, print_json
+from recu_cli.binarize.tau import TAU_MAX, TAU_MIN
 from recu_cli.commands.options import (
     Activation,
     AlphaInit,
@@ -23,17 +23,16 @@ from recu_cli.commands.options import (
     Pretrained,
     Quiet,
     Weights,
-    convert_config,
 )
 from recu_cli.errors import RecuError
 from recu_cli.recipes import DEFAULT_RECIPE, RECIPE_HELP
 from recu_cli.resumeclock import DEFAULT_INTERVAL
 
 ADVICE = (
-    RECIPE_HELP + " Both use ReCU's weight path (standardization, clamp, tau 0.85 -> 0.99 "
-    "over the binary-weight stage) and Adam with cosine. From scratch, use the paper's "
-    "schedule: --recipe paper --opt sgd --lr 0.1 --weight-decay 5e-4 --warmup-epochs 5 "
-    "--epochs 600 --teacher none. Measurements: docs/results.md."
+    RECIPE_HELP + " Both use ReCU's weight path (standardization, clamp, tau "
+    f"{TAU_MIN} -> {TAU_MAX} over the binary-weight stage) and Adam with cosine. From "
+    "scratch, use the paper's schedule: --recipe paper --opt sgd --lr 0.1 --weight-decay "
+    "5e-4 --warmup-epochs 5 --epochs 600 --teacher none. Measurements: docs/results.md."
 )
 
 
@@ -110,8 +109,8 @@ def binarize(
     tau_min: Annotated[
         float,
         typer.Option("--tau-min", help="tau at the first epoch (1 with --tau-max 1: no ReCU)."),
-    ] = 0.85,
-    tau_max: Annotated[float, typer.Option("--tau-max", help="tau reached at the end.")] = 0.99,
+    ] = TAU_MIN,
+    tau_max: Annotated[float, typer.Option("--tau-max", help="tau reached at the end.")] = TAU_MAX,
     tau_update: Annotated[
         str, typer.Option("--tau-update", help="'epoch' (paper) or 'step'.")
     ] = "epoch",
@@ -244,6 +243,14 @@ def binarize(
     experiment: Annotated[
         str | None, typer.Option("--experiment", help="Run folder name (default: time-model).")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Settings from a file (.json, or .yaml with PyYAML), e.g. a run's "
+            "config.json; flags given here override it.",
+        ),
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the run in this folder exactly.")
     ] = None,
@@ -258,111 +265,31 @@ def binarize(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune MODEL as a ReCU binary network; writes a run folder with packed checkpoints."""
-    from recu_cli.train import TrainConfig, Trainer
-
+    given = given_params(ctx)
+    quiet = quiet or json_out
     if resume is not None:
         if model is not None or data is not None:
             raise RecuError(
                 "--resume continues a run with its saved settings; drop MODEL and --data"
             )
-        trainer = _resumed(ctx, resume, quiet or json_out)
-        cfg = trainer.cfg
+        trainer = _resumed(resume, given, quiet)
     else:
-        if model is None or data is None:
-            raise RecuError("give MODEL and --data DIR (or --resume RUN_DIR)")
-        if data == "demo" and model == "resnet20" and weights is None and not pretrained:
-            from recu_cli.demo import DEMO_WEIGHTS
+        from recu_cli.training.settings import build_config
+        from recu_cli.training.trainer import Trainer
 
-            weights = DEMO_WEIGHTS  # the demo binarizes a pretrained network, as recu is for
-        from recu_cli.recipes import recipe_settings
-
-        if not 0.5 < tau_min <= tau_max <= 1.0:  # before the conversion config checks tau
-            raise RecuError(f"need 0.5 < --tau-min <= --tau-max <= 1, got {tau_min} and {tau_max}")
-        settings = recipe_settings(recipe, epochs)
-        recipe_conv = settings.pop("convert")
-        conv = convert_config(
-            keep,
-            act or recipe_conv.get("activation", "hardtanh"),
-            b_star,
-            alpha_init,
-            alpha_mode,
-            no_standardize,
-            plain_sign,
-            tau_min,
-            act_threshold or recipe_conv.get("act_threshold", "zero"),
-        )
-        given = {
-            "lr": lr,
-            "stage1_epochs": stage1_epochs,
-            "feature_kd": feature_kd,
-            "other_lr_scale": other_lr_scale,
-            "bn_recalib": bn_recalib,
-        }
-        settings.update({k: v for k, v in given.items() if v is not None})
-        cfg = TrainConfig(
-            **settings,
-            model=model,
-            data=_absolute_if_path(data),
-            weights=str(weights.resolve()) if weights else None,
-            pretrained=pretrained,
-            num_classes=num_classes,
-            epochs=epochs,
-            batch_size=batch_size,
-            opt=opt,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-            min_lr=min_lr,
-            clip_grad=clip_grad,
-            tau_min=tau_min,
-            tau_max=tau_max,
-            tau_update=tau_update,
-            teacher=teacher,
-            teacher_weights=str(teacher_weights.resolve()) if teacher_weights else None,
-            kd_weight=kd_weight,
-            amp=amp,
-            amp_dtype=amp_dtype,
-            channels_last=channels_last,
-            max_steps=max_steps,
-            seed=seed,
-            workers=workers,
-            device=device,
-            output=str(output.resolve()),
-            experiment=experiment,
-            log_interval=log_interval,
-            half=half,
-            keep_latent=keep_latent,
-            convert=conv.to_dict(),
-            other_weight_decay=other_weight_decay,
-            calib_images=calib_images,
-            step0_eval=step0_eval,
-            checkpoint_interval=checkpoint_interval,
-            strict_data=strict_data,
-            deterministic=deterministic,
-        )
-        if plain_sign and (tau_min, tau_max) != (0.85, 0.99):
-            raise RecuError(
-                "--plain-sign has no clamp, so --tau-min/--tau-max have no effect; drop them"
-            )
-        trainer = Trainer(cfg, quiet=quiet or json_out)
-    if trainer.info.is_main and not json_out:
-        t = trainer.report.totals(trainer.model)
-        console.print(
-            f"run folder {trainer.run_dir}: {cfg.model} on {trainer.data.source}, "
-            f"{t['binary_layers']} binary layers ({t['binary_params']:,} binary weights), "
-            f"{trainer.steps_per_epoch} steps/epoch, device {trainer.device}"
-        )
+        trainer = Trainer(build_config(ctx.params, set(given), config), quiet=quiet)
+    if trainer.is_main and not json_out:
+        console.print(trainer.headline())
     result = trainer.fit()
-    if not trainer.info.is_main:
+    if not trainer.is_main:
         return
     if json_out:
-        print_json({**result, "config": asdict(cfg)})
+        print_json({**result, "config": trainer.cfg.to_dict()})
         return
     final = result["final"] or {}
     skipped = result.get("skipped_images") or 0
     if result.get("step0"):
-        from recu_cli.train import describe_step0
+        from recu_cli.step0 import describe_step0
 
         console.print(f"before training: {describe_step0(result['step0'])}")
     console.print(
@@ -378,19 +305,24 @@ def binarize(
     )
 
 
-def _resumed(ctx: typer.Context, run_dir: Path, quiet: bool):
-    """The Trainer of `--resume RUN` with the flags --resume accepts applied (resume_rules)."""
-    from recu_cli.resume_rules import apply_resume_flags, finished
-    from recu_cli.train import Trainer, load_run_config, read_position
-
-    saved = load_run_config(run_dir)
-    given = {
+def given_params(ctx: typer.Context) -> dict[str, Any]:
+    """The parameters typed on the command line (or set in the environment), by name."""
+    return {
         name: value
         for name, value in ctx.params.items()
-        if name not in ("model", "data")
-        and (src := ctx.get_parameter_source(name)) is not None
+        if (src := ctx.get_parameter_source(name)) is not None
         and src.name in ("COMMANDLINE", "ENVIRONMENT")
     }
+
+
+def _resumed(run_dir: Path, given: dict[str, Any], quiet: bool):
+    """The Trainer of `--resume RUN` with the flags --resume accepts applied (resume_rules)."""
+    from recu_cli.resume_rules import apply_resume_flags, finished
+    from recu_cli.training.run_folder import load_run_config, read_position
+    from recu_cli.training.trainer import Trainer
+
+    saved = load_run_config(run_dir)
+    given = {k: v for k, v in given.items() if k not in ("model", "data")}
     # torchrun's WORLD_SIZE: a resume with another number of processes is refused first
     done = read_position(run_dir, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     cfg, changes = apply_resume_flags(saved, given, str(run_dir), done)
@@ -403,9 +335,3 @@ def _resumed(ctx: typer.Context, run_dir: Path, quiet: bool):
             f"train longer, add a larger --epochs (or --max-steps) to --resume {run_dir}"
         )
     return Trainer(cfg, run_dir=run_dir, quiet=quiet, resume_changes=changes)
-
-
-def _absolute_if_path(data: str) -> str:
-    """Folders are stored absolute so `--resume` works from any working directory."""
-    path = Path(data).expanduser()
-    return str(path.resolve()) if path.exists() else data

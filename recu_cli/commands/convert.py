@@ -118,7 +118,7 @@ def convert(
 
     render_conversion(console, report, net, title=f"{spec.full_name}: ReCU conversion")
     if "step0" in result:
-        from recu_cli.train import describe_step0
+        from recu_cli.step0 import describe_step0
 
         console.print(f"step 0 on {data}: {describe_step0(result['step0'])}")
     if output is not None:

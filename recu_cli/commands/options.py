@@ -78,7 +78,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 def convert_config(
     keep: list[str] | None,
-    act: str,
+    act: str | None,
     b_star: float,
     alpha_init: str,
     alpha_mode: str = "learned",
@@ -87,19 +87,11 @@ def convert_config(
     tau: float = 1.0,
     act_threshold: str = "zero",
 ) -> ConvertConfig:
-    from recu_cli.convert import ConvertConfig
+    """The conversion config of a command's conversion flags (their names: convert.py)."""
+    params = {**locals(), "act": act or None}
+    from recu_cli.convert import ConvertConfig, convert_options
 
-    return ConvertConfig(
-        keep=tuple(keep or ()),
-        activation=act or "hardtanh",
-        b_star=b_star,
-        tau=tau,
-        alpha_init=alpha_init,
-        alpha_mode=alpha_mode,
-        standardize=not (no_standardize or plain_sign),
-        clamp=not plain_sign,
-        act_threshold=act_threshold,
-    )
+    return ConvertConfig(**convert_options(params))
 
 
 FpLayers = Annotated[

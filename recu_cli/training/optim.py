@@ -1,0 +1,126 @@
+"""Optimizer, parameter groups, stages and schedules (learning rate and tau)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from recu_cli.binarize.tau import tau_schedule
+from recu_cli.convert import binary_layers
+from recu_cli.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from recu_cli.training.parts import Parts
+    from recu_cli.training.state import TrainState
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    other_lr_scale: float = 1.0,
+    other_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """Three groups, because a BNN's parameters want different treatment:
+    latent binary weights (lr, weight_decay: only their signs matter, so decay only moves
+    them toward flipping), full-precision conv/linear weights (lr * other_lr_scale,
+    other_weight_decay, default weight_decay), and everything else: BatchNorm, biases,
+    alpha, thresholds, PReLU slopes (lr * other_lr_scale, never decayed: decay would pull
+    them away from their scale). Group 0 is always the latent binary weights."""
+    latent = {id(m.weight) for _, m in binary_layers(model)}
+    binary, fp_weights, rest = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in latent:
+            binary.append(p)
+        elif name.endswith("weight") and p.ndim > 1:
+            fp_weights.append(p)
+        else:
+            rest.append(p)
+    other_lr = lr * other_lr_scale
+    fp_decay = weight_decay if other_weight_decay is None else other_weight_decay
+    return [
+        {"params": binary, "lr": lr, "weight_decay": weight_decay},
+        {"params": fp_weights, "lr": other_lr, "weight_decay": fp_decay},
+        {"params": rest, "lr": other_lr, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(
+        model, cfg.base_lr, cfg.weight_decay, cfg.other_lr_scale, cfg.other_weight_decay
+    )
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.base_lr)
+    return torch.optim.Adam(groups, lr=cfg.base_lr)
+
+
+def stage_bounds(cfg: TrainConfig, stage: int) -> tuple[int, int]:
+    """[first, end) epochs of a stage: stage 1 = binary activations with real weights (only
+    with --stage1-epochs), stage 2 = binary weights too (the whole run with one stage)."""
+    if stage == 1:
+        return 0, cfg.stage1_epochs
+    return cfg.stage1_epochs, cfg.epochs
+
+
+def stage_of(cfg: TrainConfig, epoch: int) -> int:
+    return 1 if epoch < cfg.stage1_epochs else 2
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, stage: int = 2
+):
+    """timm's cosine schedule with linear warm-up, stepped per update, over one stage (each
+    stage of a two-stage run gets its own warm-up and cosine, as in ReActNet)."""
+    from timm.scheduler import CosineLRScheduler
+
+    first, end = stage_bounds(cfg, stage)
+    total = (end - first) * steps_per_epoch
+    if cfg.max_steps:
+        total = max(1, min(total, cfg.max_steps - first * steps_per_epoch))
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total - warmup),
+        lr_min=cfg.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def tau_at(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step: int) -> float:
+    """ReCU's schedule spans stage 2 (the whole run when there is one stage)."""
+    first, end = stage_bounds(cfg, 2)
+    e = max(0, epoch - first)
+    e += step / steps_per_epoch if cfg.tau_update == "step" else 0.0
+    return tau_schedule(e, end - first, cfg.tau_min, cfg.tau_max)
+
+
+def enter_stage(
+    cfg: TrainConfig, parts: Parts, state: TrainState, stage: int, switching: bool,
+    log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Stage 1 trains real centred weights behind binary activations; stage 2 binarizes
+    the weights too. Switching: alpha starts at mean |W0| (so alpha * sign(W0) continues
+    stage 1's W0) and Adam's moments restart, as the loss surface changes. Either way the
+    stage gets its own schedule, continued from the current step."""
+    state.stage = stage
+    for _, layer in binary_layers(parts.model):
+        layer.binarize_weights = stage == 2
+    if switching:
+        for _, layer in binary_layers(parts.model):
+            layer.reset_alpha_from_latent()
+        parts.optimizer.state.clear()
+        log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
+    first, _ = stage_bounds(cfg, stage)
+    state.stage_start_step = first * parts.steps_per_epoch
+    state.scheduler = build_scheduler(parts.optimizer, cfg, parts.steps_per_epoch, stage)
+    state.scheduler.step_update(state.pos.global_step - state.stage_start_step)

@@ -1,0 +1,272 @@
+"""One run = one folder, owned by one process: config.json, train.log, summary.csv,
+packed last/best checkpoints and resume.pt, each written atomically, and the lock.
+
+In the spirit of timm's CheckpointSaver: the loop says what happened (an epoch ended,
+a resume point is due), the folder decides what to write and which epoch is best.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recu_cli.atomic import atomic_path, write_bytes
+from recu_cli.console import echo_err
+from recu_cli.distributed import DistInfo, broadcast_object
+from recu_cli.errors import RecuError
+from recu_cli.runlock import LOCK_NAME, RunLock
+from recu_cli.training.config import TrainConfig
+from recu_cli.training.state import Position, TrainingStopped, TrainState, resume_state
+
+if TYPE_CHECKING:
+    from recu_cli.models import ModelSpec
+    from recu_cli.training.parts import Parts
+
+SUMMARY_FIELDS = [
+    "epoch", "stage", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
+    "flip_rate", "flip_rate_tail", "flip_rate_core", "seconds", "img_per_s", "skipped_images",
+]  # fmt: skip
+# files a fresh run writes before its first resume point (removed when its start fails)
+START_FILES = ("config.json", "train.log", "summary.csv", LOCK_NAME)
+
+
+class RunFolder:
+    """A run's folder; only the main process writes, and only while it holds the lock."""
+
+    def __init__(
+        self,
+        path: Path,
+        info: DistInfo,
+        quiet: bool = False,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.info = info
+        self.quiet = quiet
+        self.echo = echo or echo_err
+        self.lock: RunLock | None = None
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, info: DistInfo, **kw: Any) -> tuple[RunFolder, bool]:
+        """The run folder of a new run, created here (True) or already there (False)."""
+        name = cfg.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.replace(':', '_')}"
+        path = Path(cfg.output) / name
+        created = False
+        if info.is_main:
+            created = not path.exists()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise RecuError(
+                    f"cannot create run folder {path}: a file is in the way; pick another "
+                    "--output or --experiment"
+                ) from None
+            except OSError as e:
+                raise RecuError(
+                    f"cannot create run folder {path} ({e.strerror}); pick a writable --output"
+                ) from None
+        return cls(Path(broadcast_object(str(path), info)), info, **kw), created
+
+    def open(self, resuming: bool) -> None:
+        """Take the folder: lock it, clear what a killed writer left, refuse a second run."""
+        if not self.info.is_main:
+            return
+        self.lock = RunLock(self.path).acquire()
+        for stale in self.path.glob("*.tmp"):  # from a killed writer; ours now
+            stale.unlink(missing_ok=True)
+        if not resuming and self.resume_path.exists():
+            raise RecuError(
+                f"{self.path} already holds a run; continue it with --resume {self.path}"
+            )
+
+    def close(self) -> None:
+        """Release the run folder (the process's exit would too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def discard(self) -> None:
+        """Remove a folder this process created and that holds no resume point yet."""
+        if self.resume_path.exists():
+            return
+        for f in self.path.iterdir():
+            if f.name in START_FILES or f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # something else is in it: keep it
+            self.path.rmdir()
+
+    @property
+    def resume_path(self) -> Path:
+        return self.path / "resume.pt"
+
+    # ---------------------------------------------------------------- train.log
+    def log(self, msg: str, echo: bool = True) -> None:
+        """A line on stderr (unless quiet or echo=False) and in train.log."""
+        if not self.info.is_main:
+            return
+        if echo and not self.quiet:
+            self.echo(msg)
+        if self.lock is not None and self.lock.held:  # only the folder's owner writes
+            with open(self.path / "train.log", "a") as f:
+                f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
+
+    def log_start(self, resuming: bool) -> None:
+        verb = "resume" if resuming else "start"
+        self.log(
+            f"{verb}: recu {_version()}, pid {os.getpid()}: recu {shlex.join(sys.argv[1:])}",
+            echo=False,
+        )
+
+    def log_end(self, e: BaseException) -> None:
+        """The last line of train.log says how the process ended."""
+        if isinstance(e, TrainingStopped) and e.exit_code == 130:
+            self.log(f"interrupted: {e}", echo=False)
+        elif isinstance(e, KeyboardInterrupt):
+            self.log("interrupted (second Ctrl-C): stopped at once", echo=False)
+        elif isinstance(e, RecuError):
+            self.log(f"error: {e}", echo=False)
+        elif isinstance(e, Exception):
+            self.log(f"error: {type(e).__name__}: {str(e)[:300]}", echo=False)
+
+    # ---------------------------------------------------------------- files
+    def write_config(self, cfg: TrainConfig, spec: ModelSpec) -> None:
+        if self.info.is_main:
+            payload = {"train": cfg.to_dict(), "model": spec.to_dict(), "recu_version": _version()}
+            write_bytes(self.path / "config.json", json.dumps(payload, indent=2).encode())
+
+    def write_summary(self, history: list[dict[str, Any]]) -> None:
+        if not self.info.is_main:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+        writer.writeheader()
+        for r in history:
+            old = {"skipped_images": 0}  # rows of runs started before the column existed
+            writer.writerow({k: _fmt(r.get(k, old.get(k, ""))) for k in SUMMARY_FIELDS})
+        write_bytes(self.path / "summary.csv", buf.getvalue().encode())
+
+    def save_resume(self, parts: Parts, state: TrainState) -> None:
+        """Called by every rank (gathering the ranks' loss sums is a collective)."""
+        epoch_loss = state.metrics.state(self.info)
+        if self.info.is_main:
+            with atomic_path(self.resume_path) as tmp:
+                torch.save(resume_state(parts, state, self.info, epoch_loss), tmp)
+        state.clock.reset()
+
+    def keep_epoch(
+        self, row: dict[str, Any], state: TrainState, parts: Parts, cfg: TrainConfig
+    ) -> bool:
+        """last.safetensors after every binary epoch, best.safetensors when its val top-1
+        beats every earlier one (a stage-1 model has real weights: nothing to pack yet).
+        True when this epoch is the best."""
+        binary = state.stage == 2
+        is_best = binary and row["val_top1"] > state.pos.best_top1
+        if is_best:
+            state.pos.best_top1 = row["val_top1"]
+        if self.info.is_main:
+            for name in ("last", "best") if is_best else ("last",) if binary else ():
+                self._save_packed(name, row, state, parts, cfg)
+        return is_best
+
+    def _save_packed(
+        self, name: str, row: dict[str, Any], state: TrainState, parts: Parts, cfg: TrainConfig
+    ) -> None:
+        from recu_cli.pack import save
+
+        training = {
+            "epoch": row["epoch"],
+            "global_step": state.pos.global_step,
+            "val_top1": row["val_top1"],
+            "val_top5": row["val_top5"],
+            "tau": row["tau"],
+            "data": parts.data.source,
+            "config": cfg.to_dict(),
+        }
+        save(
+            self.path / f"{name}.safetensors",
+            parts.model,
+            parts.spec,
+            cfg.convert,
+            half=cfg.half,
+            keep_latent=cfg.keep_latent,
+            training=training,
+            history=state.history,
+        )
+
+    def checkpoint(self, name: str) -> str | None:
+        """A packed checkpoint's path, or None when the run ended in stage 1."""
+        path = self.path / f"{name}.safetensors"
+        return str(path) if path.is_file() else None
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def _version() -> str:
+    from recu_cli import __version__
+
+    return __version__
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    path = run_dir / "config.json"
+    if path.is_file() and not (run_dir / "resume.pt").is_file():
+        raise RecuError(
+            f"{run_dir} was stopped before its first resume point (written when training "
+            "starts), so there is nothing to continue; start it again with the same "
+            f"command (its settings are in {path})"
+        )
+    if not (run_dir / "resume.pt").is_file() or not path.is_file():
+        raise RecuError(
+            f"{run_dir} is not a resumable run (needs config.json and resume.pt); "
+            "give the run folder printed at the start of training"
+        )
+    try:
+        payload = json.loads(path.read_text())
+        return TrainConfig.from_dict(payload["train"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecuError(f"{path} is damaged ({e}); start a new run") from e
+
+
+def check_world_size(run_dir: Path, saved: int | None, current: int) -> None:
+    """Steps per epoch, the schedule's length and each rank's shard depend on it."""
+    if saved is not None and saved != current:
+        how = f"torchrun --nproc_per_node {saved} -m recu_cli" if saved > 1 else "recu"
+        raise RecuError(
+            f"{run_dir} was trained by {saved} process(es), this resume has "
+            f"{current}: resume with the same number ({how} binarize --resume {run_dir})"
+        )
+
+
+def damaged(path: Path, e: Exception) -> RecuError:
+    return RecuError(
+        f"cannot resume from {path} ({type(e).__name__}); the file is damaged or from "
+        "another run: start a new run"
+    )
+
+
+def read_position(run_dir: Path, world_size: int | None = None) -> Position:
+    """Where a run's resume point is (memory-mapped: reads only the small part); with
+    world_size, also refuse a resume point written by another number of processes."""
+    path = run_dir / "resume.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        position = Position(**state["position"])
+        saved = state.get("world_size")
+    except Exception as e:  # noqa: BLE001 - any damage means the same thing to the user
+        raise damaged(path, e) from e
+    if world_size is not None:
+        check_world_size(run_dir, int(saved) if saved is not None else None, world_size)
+    return position

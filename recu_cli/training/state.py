@@ -1,0 +1,92 @@
+"""Where a run is and what it has measured: everything resume.pt holds besides the parts,
+and the two directions between it and the file (resuming from it reproduces the
+uninterrupted run to the bit)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recu_cli.distributed import DistInfo
+from recu_cli.errors import RecuError
+from recu_cli.resumeclock import ResumeClock
+from recu_cli.step_metrics import StepMetrics
+from recu_cli.training.trackers import FlipTracker, SkippedImages
+
+if TYPE_CHECKING:
+    from recu_cli.training.parts import Parts
+
+
+class TrainingStopped(RecuError):
+    pass
+
+
+@dataclass
+class Position:
+    """Where a run is: resuming from here reproduces the uninterrupted run exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_top1: float = -1.0
+
+
+@dataclass
+class TrainState:
+    """What changes as training goes: saved in resume.pt, except the stage's scheduler,
+    which is rebuilt from the position."""
+
+    metrics: StepMetrics  # this epoch's training loss, on the device
+    clock: ResumeClock
+    pos: Position = field(default_factory=Position)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    flips: FlipTracker = field(default_factory=FlipTracker)
+    skipped: SkippedImages = field(default_factory=SkippedImages)
+    step0: dict[str, Any] | None = None
+    stage: int = 2
+    scheduler: Any = None
+    stage_start_step: int = 0
+    stop_agreed: bool = False  # all ranks agreed at a sync point to stop at the next step
+
+
+def resume_state(
+    parts: Parts, state: TrainState, info: DistInfo, epoch_loss: torch.Tensor
+) -> dict[str, Any]:
+    saved = {
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "position": asdict(state.pos),
+        "history": json.dumps(state.history),
+        "epoch_loss": epoch_loss,  # [world_size, 2]: each rank's own loss sum and count
+        "world_size": info.world_size,
+        "flips": state.flips.state(),
+        "rng_torch": torch.get_rng_state(),
+        "rng_python": json.dumps(random.getstate()),
+        "step0": json.dumps(state.step0),
+        "skipped": json.dumps(state.skipped.state()),
+    }
+    if parts.device.type == "cuda":  # the ranks' generators advance alike: rank 0's serves
+        saved["rng_cuda"] = torch.cuda.get_rng_state(parts.device)
+    return saved
+
+
+def restore(saved: dict[str, Any], parts: Parts, state: TrainState, info: DistInfo) -> None:
+    """Position, history, trackers and random generators from a resume point (the model,
+    optimizer and scaler are loaded first, where a damaged file is caught)."""
+    state.pos = Position(**saved["position"])
+    state.history = json.loads(saved["history"])
+    state.metrics.load(saved["epoch_loss"], info)
+    state.flips.load(saved["flips"], parts.device)
+    state.step0 = json.loads(saved["step0"]) if "step0" in saved else None
+    if "skipped" in saved:
+        state.skipped.load(json.loads(saved["skipped"]))
+    torch.set_rng_state(saved["rng_torch"])
+    if "rng_cuda" in saved and parts.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng_cuda"], parts.device)
+    py = json.loads(saved["rng_python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
