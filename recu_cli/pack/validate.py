@@ -118,8 +118,7 @@ def parse_layers(path: Path, d: Any, tensors: dict[str, TensorInfo]) -> list[dic
         seen.add(name)
         if not (is_num(e.get("tau")) and 0.0 <= e["tau"] <= 1.0):
             raise damaged(path, f"layer '{name[:80]}' has no valid tau")
-        bits_name = s.tensor_name(name, s.BITS)
-        bits = tensors.get(bits_name)
+        bits = tensors.get(s.tensor_name(name, s.BITS))
         want = (shape[0], s.bytes_per_row(math.prod(shape[1:])))
         if bits is None:
             raise damaged(path, f"tensor '{name[:80]}{s.BITS_SUFFIX}' is missing")
