@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ACTIVATIONS = ("hardtanh", "prelu", "identity")
+from recu_cli.convert_config import ACTIVATIONS
 
 
 def sign_friendly_activation(kind: str, channels: int = 1) -> nn.Module:

@@ -20,99 +20,15 @@ from timm.models import resnet as timm_resnet
 from torch import nn
 
 from recu_cli import zoo
-from recu_cli.binarize.layers import ALPHA_MODES, BinaryConv2d, ReCUConv2d
-from recu_cli.blocks import (
-    ACTIVATIONS,
-    BiRealBasicBlock,
-    BiRealBottleneck,
-    sign_friendly_activation,
-)
+from recu_cli.binarize.layers import BinaryConv2d, ReCUConv2d
+from recu_cli.blocks import BiRealBasicBlock, BiRealBottleneck, sign_friendly_activation
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.models import classifier_name, set_submodule
 
 BASIC_BLOCKS = (timm_resnet.BasicBlock, tv_resnet.BasicBlock, zoo.CifarBasicBlock)
 BOTTLENECKS = (timm_resnet.Bottleneck, tv_resnet.Bottleneck)
-THRESHOLD_MODES = ("zero", "learned", "median")
 NONNEG_ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Sigmoid)
-
-
-@dataclass(frozen=True)
-class ConvertConfig:
-    """The conversion recipe: stored in every packed file, enough to rebuild the tree."""
-
-    keep: tuple[str, ...] = ()
-    activation: str = "hardtanh"
-    b_star: float = 2.0
-    tau: float = 1.0
-    alpha_init: str = "pretrained"
-    alpha_mode: str = "learned"
-    standardize: bool = True
-    clamp: bool = True
-    rescale_activations: bool = True
-    bireal: bool = True
-    # activation thresholds before each binary conv: "zero" (the paper: sign(x)), or a
-    # learnable sign(x - beta) starting at 0 ("learned") or at the channel median ("median")
-    act_threshold: str = "zero"
-
-    def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise RecuError(f"--act must be one of {', '.join(ACTIVATIONS)}")
-        if self.alpha_init not in ("pretrained", "random"):
-            raise RecuError("--alpha-init must be 'pretrained' or 'random'")
-        if self.alpha_mode not in ALPHA_MODES:
-            raise RecuError(f"--alpha-mode must be one of {', '.join(ALPHA_MODES)}")
-        if self.act_threshold not in THRESHOLD_MODES:
-            raise RecuError(f"--act-threshold must be one of {', '.join(THRESHOLD_MODES)}")
-        if not self.b_star > 0:
-            raise RecuError(f"--b-star must be positive, got {self.b_star}")
-        if not 0.5 < self.tau <= 1.0:
-            raise RecuError(f"tau must be in (0.5, 1], got {self.tau}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["keep"] = list(self.keep)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ConvertConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise RecuError(f"unknown conversion option(s) {sorted(unknown)} in the recipe")
-        d = dict(d)
-        d["keep"] = tuple(str(p) for p in d.get("keep", ()))
-        return cls(**d)
-
-    def layer_kwargs(self) -> dict[str, Any]:
-        return {
-            "b_star": self.b_star,
-            "tau": self.tau,
-            "standardize": self.standardize,
-            "clamp": self.clamp,
-            "alpha_mode": self.alpha_mode,
-            "rescale_activations": self.rescale_activations,
-            "act_threshold": self.act_threshold != "zero",
-        }
-
-
-# command parameter -> ConvertConfig field, where the flag's name is not the field's
-OPTION_ALIASES = {"act": "activation"}
-
-
-def convert_options(params: dict[str, Any]) -> dict[str, Any]:
-    """ConvertConfig fields named by command parameters (None: not set); the ablation
-    switches --no-standardize and --plain-sign turn parts of ReCU's weight path off."""
-    names = set(ConvertConfig.__dataclass_fields__)
-    out = {}
-    for key, value in params.items():
-        name = OPTION_ALIASES.get(key, key)
-        if name in names and value is not None:
-            out[name] = tuple(value) if name == "keep" else value
-    if params.get("no_standardize") or params.get("plain_sign"):
-        out["standardize"] = False
-    if params.get("plain_sign"):
-        out["clamp"] = False
-    return out
 
 
 @dataclass

@@ -11,7 +11,6 @@ import difflib
 import os
 import pickle
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
@@ -21,45 +20,12 @@ from torch import nn
 
 from recu_cli import zoo
 from recu_cli.errors import RecuError
+from recu_cli.spec import ModelSpec
 
 TV_PREFIXES = ("tv:", "torchvision:")
 TIMM_PREFIX = "timm:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What recu needs to rebuild the model and feed it: recorded in every checkpoint."""
-
-    name: str  # architecture name inside its source, e.g. "resnet18"
-    source: str  # "timm" or "torchvision"
-    num_classes: int
-    input_size: tuple[int, int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    crop_pct: float
-
-    @property
-    def full_name(self) -> str:
-        return self.name if self.source == "timm" else f"tv:{self.name}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelSpec:
-        return cls(
-            name=str(d["name"]),
-            source=str(d["source"]),
-            num_classes=int(d["num_classes"]),
-            input_size=tuple(int(v) for v in d["input_size"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            interpolation=str(d["interpolation"]),
-            crop_pct=float(d["crop_pct"]),
-        )
 
 
 def parse_name(name: str) -> tuple[str, str]:

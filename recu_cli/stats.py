@@ -19,6 +19,7 @@ from torch import nn
 
 from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.layers import ReCUConv2d
+from recu_cli.pack.schema import LayerStats
 
 HIST_BINS = 101
 HIST_QUANTILE = 0.999  # histogram half-range: this quantile of |W1|
@@ -177,7 +178,8 @@ def threshold_stats(beta: torch.Tensor | None) -> dict[str, float | None]:
 
 
 def layer_stats(layer: ReCUConv2d) -> dict[str, Any]:
-    """Every section-2 statistic of one binary layer, as JSON-ready numbers.
+    """Every section-2 statistic of one binary layer, as JSON-ready numbers (the keys of
+    the packed format's `LayerStats`, which its validator checks).
 
     q is None when Q(tau) is infinite (tau = 1, no clamp). Entropies in bits.
     """
@@ -192,28 +194,28 @@ def layer_stats(layer: ReCUConv2d) -> dict[str, Any]:
     p = float(plus.double().mean())
     qe = quantization_error(w2)
     has_b = b_hat > 0
-    return {
-        "shape": list(w1.shape),
-        "weights": w1.numel(),
-        "tau": tau,
-        "clamp": bool(layer.clamp),
-        "b_hat": b_hat,
-        "q": q,
-        "dead_share": float(dead.double().mean()),
-        "dead_count": int(dead.sum()),
-        "plus_share": p,
-        "entropy_bits": float(binary_entropy_bits(torch.tensor(p))),
-        "entropy_ch_min_bits": float(per_channel.min()),
-        "entropy_ch_mean_bits": float(per_channel.mean()),
-        "qe": qe,
-        "qe_over_b2": qe / (b_hat * b_hat) if has_b else None,
-        "qe_closed": qe_closed_form(b_hat, tau),
-        "qe_closed_paper": qe_closed_form_paper(b_hat, tau),
-        "laplace_entropy_bits": laplace_entropy_nats(b_hat, tau) / LN2 if has_b else None,
-        "alpha_mean": float(layer.effective_alpha().detach().double().mean()),
+    return LayerStats(
+        shape=list(w1.shape),
+        weights=w1.numel(),
+        tau=tau,
+        clamp=bool(layer.clamp),
+        b_hat=b_hat,
+        q=q,
+        dead_share=float(dead.double().mean()),
+        dead_count=int(dead.sum()),
+        plus_share=p,
+        entropy_bits=float(binary_entropy_bits(torch.tensor(p))),
+        entropy_ch_min_bits=float(per_channel.min()),
+        entropy_ch_mean_bits=float(per_channel.mean()),
+        qe=qe,
+        qe_over_b2=qe / (b_hat * b_hat) if has_b else None,
+        qe_closed=qe_closed_form(b_hat, tau),
+        qe_closed_paper=qe_closed_form_paper(b_hat, tau),
+        laplace_entropy_bits=laplace_entropy_nats(b_hat, tau) / LN2 if has_b else None,
+        alpha_mean=float(layer.effective_alpha().detach().double().mean()),
         **threshold_stats(layer.act_threshold),
-        "hist": histogram(w1, q),
-    }
+        hist=histogram(w1, q),
+    ).to_dict()
 
 
 def model_stats(model: nn.Module) -> list[dict[str, Any]]:

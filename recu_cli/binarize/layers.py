@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from recu_cli.binarize.functions import activation_sign, sign_pos, weight_sign_ste
+from recu_cli.convert_config import ALPHA_MODES
 
 WEIGHT_EPS = 1e-5
 AlphaMode = Literal["learned", "analytic"]
-ALPHA_MODES = ("learned", "analytic")
 
 
 class Quantized(NamedTuple):

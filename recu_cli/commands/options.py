@@ -89,7 +89,7 @@ def convert_config(
 ) -> ConvertConfig:
     """The conversion config of a command's conversion flags (their names: convert.py)."""
     params = {**locals(), "act": act or None}
-    from recu_cli.convert import ConvertConfig, convert_options
+    from recu_cli.convert_config import ConvertConfig, convert_options
 
     return ConvertConfig(**convert_options(params))
 

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from recu_cli.convert import ConvertConfig, convert_options
+from recu_cli.convert_config import ConvertConfig, convert_options
 from recu_cli.errors import RecuError
 from recu_cli.recipes import recipe_settings
 from recu_cli.training.config import TrainConfig, check_tau_range, read_config_file

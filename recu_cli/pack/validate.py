@@ -1,0 +1,194 @@
+"""Checks of a packed file's metadata values, each problem one RecuError line (section 7).
+
+The file is untrusted: every JSON value is checked for type and bounds before use. The
+model spec and the recipe check their own fields (`ModelSpec.from_dict`,
+`ConvertConfig.from_dict`); this module words their problems with the file's path. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recu_cli import __version__
+from recu_cli.convert_config import ConvertConfig
+from recu_cli.errors import RecuError
+from recu_cli.fields import FieldError, is_int, is_num
+from recu_cli.pack import schema as s
+from recu_cli.pack.header import TensorInfo, damaged
+from recu_cli.spec import ModelSpec
+
+
+def check_magic(path: Path, meta: dict[str, str]) -> int:
+    """The format magic and version; returns the version."""
+    fmt = meta.get(s.FORMAT)
+    if fmt != s.MAGIC:
+        if fmt is None or fmt in s.PLAIN_FORMATS:
+            what = "is a plain safetensors checkpoint" + (f" (format '{fmt}')" if fmt else "")
+        else:
+            what = f"has format '{str(fmt)[:40]}', not '{s.MAGIC}'"
+        raise RecuError(
+            f"not a recu packed file: {path} {what}; use "
+            f"`recu convert MODEL --weights {path} -o packed.safetensors` to make one"
+        )
+    version = meta.get(s.VERSION, "")
+    if not (isinstance(version, str) and version.isdigit() and len(version) < 6):
+        raise RecuError(
+            f"{path} has no valid format_version ({str(version)[:40]!r}); the "
+            "file is damaged, write it again with recu"
+        )
+    v = int(version)
+    if v > s.FORMAT_VERSION:
+        raise RecuError(
+            f"{path} uses packed format version {v}, this recu {__version__} reads "
+            f"up to {s.FORMAT_VERSION}; upgrade recu (pip install -U recu)"
+        )
+    if v < 1:
+        raise RecuError(f"{path} has unsupported packed format version {v}; write it again")
+    return v
+
+
+def field(path: Path, meta: dict[str, str], key: str) -> Any:
+    """A JSON-valued metadata entry, parsed."""
+    text = meta.get(key)
+    if text is None:
+        raise damaged(path, f"metadata '{key}' is missing")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError, TypeError, ValueError):
+        raise damaged(path, f"metadata '{key}' is not valid JSON") from None
+
+
+def parse_spec(path: Path, d: Any, known: Callable[[str], bool] | None) -> ModelSpec:
+    """The model spec; `known` (a registry lookup) refuses names this install lacks."""
+    try:
+        spec = ModelSpec.from_dict(d)
+    except FieldError as e:
+        raise damaged(path, f"metadata '{s.MODEL}': {e.what}") from None
+    if known is not None and not known(spec.full_name):
+        raise RecuError(
+            f"{path} was made from model '{spec.full_name[:80]}', which is not registered in "
+            "this installation (timm/torchvision/recu); install the library version that has "
+            "it, or check that the file is not damaged"
+        )
+    return spec
+
+
+def parse_recipe(path: Path, d: Any) -> ConvertConfig:
+    def bad(what: str) -> RecuError:
+        return damaged(path, f"metadata '{s.RECIPE}': {what}")
+
+    try:
+        return ConvertConfig.from_dict(d)
+    except FieldError as e:
+        if e.unknown:
+            raise RecuError(
+                f"{path} uses conversion option(s) {e.unknown} that this recu does not know; "
+                "upgrade recu"
+            ) from None
+        raise bad(e.what) from None
+    except RecuError as e:  # a value out of range (ConvertConfig.__post_init__)
+        raise bad(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise bad(str(e)[:120]) from None
+
+
+def parse_layers(path: Path, d: Any, tensors: dict[str, TensorInfo]) -> list[dict[str, Any]]:
+    """Metadata 'layers': unique names, valid shapes and tau, and a U8 bits tensor each of
+    the shape the layer needs."""
+    if not isinstance(d, list):
+        raise damaged(path, f"metadata '{s.LAYERS}' is not a list")
+    seen: set[str] = set()
+    for e in d:
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str)):
+            raise damaged(path, f"metadata '{s.LAYERS}' has an entry without a name")
+        name = e["name"]
+        shape = e.get("shape")
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 4
+            and all(is_int(x, 1, 1 << 24) for x in shape)
+        ):
+            raise damaged(path, f"layer '{name[:80]}' has no valid [O, I, kh, kw] shape")
+        if name in seen:
+            raise damaged(path, f"layer '{name[:80]}' is listed twice")
+        seen.add(name)
+        if not (is_num(e.get("tau")) and 0.0 <= e["tau"] <= 1.0):
+            raise damaged(path, f"layer '{name[:80]}' has no valid tau")
+        bits = tensors.get(s.tensor_name(name, s.BITS))
+        want = (shape[0], s.bytes_per_row(math.prod(shape[1:])))
+        if bits is None:
+            raise damaged(path, f"tensor '{name[:80]}{s.BITS_SUFFIX}' is missing")
+        if bits.dtype != "U8" or bits.shape != want:
+            raise RecuError(
+                f"{path}: packed weights of '{name[:80]}' are {bits.dtype} {list(bits.shape)} "
+                f"but the metadata shape {shape} needs U8 {list(want)}; the file was edited "
+                "or damaged, write it again"
+            )
+    return d
+
+
+def list_of_dicts(path: Path, d: Any, key: str, nullable: bool) -> list | None:
+    if d is None and nullable:
+        return None
+    if not (isinstance(d, list) and all(isinstance(x, dict) for x in d)):
+        raise damaged(path, f"metadata '{key}' is not a list of objects")
+    return d
+
+
+def parse_stats(path: Path, d: Any, layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metadata 'stats': one entry per layer, in order, numbers where `LayerStats` says."""
+    stats = list_of_dicts(path, d, s.STATS, nullable=False) or []
+    names = [e["name"] for e in layers]
+    if [x.get("name") for x in stats] != names:
+        raise damaged(path, f"metadata '{s.STATS}' does not list the binary layers")
+    for x in stats:
+        for k in s.STAT_NUMBERS:
+            if k in x and x[k] is not None and not is_num(x[k]):
+                raise damaged(path, f"statistic '{k}' of '{x['name'][:80]}' is not a number")
+        h = x.get("hist")
+        if h is not None and not _histogram_ok(h):
+            raise damaged(path, f"histogram of '{x['name'][:80]}' is malformed")
+    return stats
+
+
+def _histogram_ok(h: Any) -> bool:
+    return (
+        isinstance(h, dict)
+        and is_num(h.get("range"))
+        and h["range"] > 0
+        and isinstance(h.get("counts"), list)
+        and 0 < len(h["counts"]) <= 10_000
+        and all(is_int(c, 0, 1 << 62) for c in h["counts"])
+        and all(is_int(h.get(k, 0), 0, 1 << 62) for k in ("below", "above"))
+    )
+
+
+def check_encoding(path: Path, encoding: Any) -> dict[str, Any]:
+    """The bit encoding must be exactly the one this recu writes (prose entries aside)."""
+    if not isinstance(encoding, dict) or any(
+        encoding.get(k) != v for k, v in s.ENCODING.items() if k not in s.ENCODING_FREE
+    ):
+        raise RecuError(f"{path} uses a bit encoding this recu does not read; upgrade recu")
+    return encoding
+
+
+def check_storage(path: Path, storage: Any) -> dict[str, Any]:
+    if not isinstance(storage, dict) or not isinstance(storage.get("latent"), bool):
+        raise damaged(path, f"metadata '{s.STORAGE}' is malformed")
+    return storage
+
+
+def check_tau(path: Path, tau: Any) -> float | None:
+    if tau is not None and not is_num(tau):
+        raise damaged(path, f"metadata '{s.TAU}' is not a number")
+    return tau
+
+
+def check_training(path: Path, training: Any) -> dict[str, Any] | None:
+    if training is not None and not isinstance(training, dict):
+        raise damaged(path, f"metadata '{s.TRAINING}' is not an object")
+    return training
