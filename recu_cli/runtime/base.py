@@ -37,6 +37,23 @@ class RuntimeConv(nn.Module):
         self.act_threshold: torch.Tensor | None = None
         self._tables: dict[tuple[int, int], tuple] = {}
 
+    # nn.Conv2d's attribute names, read from the one geometry (callers and tests use them)
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.geometry.kernel
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.geometry.stride
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        return self.geometry.padding
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self.geometry.dilation
+
     def table(self, hw: tuple[int, int]) -> tuple:
         """The engine's zero-padding data for one input size, computed once per size."""
         if hw not in self._tables:
