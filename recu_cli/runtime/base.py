@@ -37,22 +37,11 @@ class RuntimeConv(nn.Module):
         self.act_threshold: torch.Tensor | None = None
         self._tables: dict[tuple[int, int], tuple] = {}
 
-    # nn.Conv2d's attribute names, read from the one geometry (callers and tests use them)
-    @property
-    def kernel_size(self) -> tuple[int, int]:
-        return self.geometry.kernel
-
-    @property
-    def stride(self) -> tuple[int, int]:
-        return self.geometry.stride
-
-    @property
-    def padding(self) -> tuple[int, int]:
-        return self.geometry.padding
-
-    @property
-    def dilation(self) -> tuple[int, int]:
-        return self.geometry.dilation
+    # nn.Conv2d's attribute names, read-only views of the one geometry (callers use them)
+    kernel_size = property(lambda self: self.geometry.kernel)
+    stride = property(lambda self: self.geometry.stride)
+    padding = property(lambda self: self.geometry.padding)
+    dilation = property(lambda self: self.geometry.dilation)
 
     def table(self, hw: tuple[int, int]) -> tuple:
         """The engine's zero-padding data for one input size, computed once per size."""
