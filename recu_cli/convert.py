@@ -1,6 +1,6 @@
 """Model surgery: turn a full-precision CNN into a ReCU BNN, and say exactly what changed.
 
-Rules (recu-method.md section 4): convs with groups == 1 and a kernel larger than 1x1
+Rules (docs/method.md section 4): convs with groups == 1 and a kernel larger than 1x1
 become ReCUConv2d, except the stem, and except what the user keeps with --keep patterns;
 1x1 convs (downsample shortcuts) and the classifier stay full precision. ResNet blocks of
 timm, torchvision and recu's zoo are rewritten Bi-Real style; elsewhere the activation

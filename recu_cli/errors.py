@@ -6,7 +6,8 @@ from __future__ import annotations
 class RecuError(Exception):
     """A problem with the user's input or environment, worded as 'what is wrong; what to do'.
 
-    exit_code 2 is for usage/input errors, 1 for runtime failures (design.md conventions).
+    exit_code 2 is for usage/input errors, 1 for runtime failures (docs/usage.md, "What
+    happens when things go wrong").
     """
 
     def __init__(self, message: str, exit_code: int = 2) -> None:

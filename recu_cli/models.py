@@ -12,15 +12,17 @@ import os
 import pickle
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
-import torch
-import torchvision
-from torch import nn
-
-from recu_cli import zoo
 from recu_cli.errors import RecuError
 from recu_cli.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, timm and torchvision are imported where a model is built, not here: ModelSpec and
+# the name helpers serve the CLI's start-up and the torch-free file reader.
 
 TV_PREFIXES = ("tv:", "torchvision:")
 TIMM_PREFIX = "timm:"
@@ -38,7 +40,21 @@ def parse_name(name: str) -> tuple[str, str]:
     return "timm", name
 
 
+def _timm():
+    """timm, with recu's CIFAR models registered in it (importing the zoo registers them)."""
+    import timm
+
+    from recu_cli import zoo  # noqa: F401 - registration
+
+    return timm
+
+
 def known_models() -> list[str]:
+    import torchvision
+
+    from recu_cli import zoo
+
+    timm = _timm()
     return sorted(set(timm.list_models()) | set(zoo.RECU_MODELS)) + [
         f"tv:{n}" for n in torchvision.models.list_models()
     ]
@@ -53,8 +69,10 @@ def _unknown(name: str) -> RecuError:
 def is_known(name: str) -> bool:
     source, arch = parse_name(name)
     if source == "torchvision":
+        import torchvision
+
         return arch in torchvision.models.list_models()
-    return timm.is_model(arch)
+    return _timm().is_model(arch)
 
 
 def create_model(
@@ -80,6 +98,7 @@ def create_model(
 
 
 def _create_timm(arch: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    timm = _timm()
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if pretrained and timm.get_pretrained_cfg(arch.split(".")[0]) is not None:
         cfg = timm.models.get_pretrained_cfg(arch)
@@ -98,6 +117,8 @@ def _create_timm(arch: str, num_classes: int | None, pretrained: bool) -> nn.Mod
 
 
 def _create_torchvision(arch: str, num_classes: int | None, pretrained: bool) -> nn.Module:
+    import torchvision
+
     try:
         if pretrained:
             model = torchvision.models.get_model(arch, weights="DEFAULT")
@@ -139,6 +160,8 @@ def _hub_error(name: str, e: Exception) -> RecuError:
 
 
 def _reset_tv_head(model: nn.Module, num_classes: int) -> None:
+    from torch import nn
+
     head_name = classifier_name(model)
     head = model.get_submodule(head_name)
     if isinstance(head, nn.Linear) and head.out_features != num_classes:
@@ -163,6 +186,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def classifier_name(model: nn.Module) -> str:
     """Dotted name of the final classifier (timm's cfg, else the last Linear)."""
+    from torch import nn
+
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("classifier")
     if isinstance(name, str):
@@ -209,6 +234,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if _looks_like_safetensors(path):
         obj = _read_safetensors(path)
     else:
+        import torch
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -279,6 +306,8 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict):
         raise RecuError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
+    import torch
+
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not tensors:
         raise RecuError(f"{path} holds no tensors; is it a model checkpoint?")

@@ -1,4 +1,4 @@
-"""Dead weights, entropy, quantization error, histograms and sign flips (recu-method.md s. 2).
+"""Dead weights, entropy, quantization error, histograms and sign flips (docs/method.md s. 2).
 
 Pure functions on tensors. `layer_stats` takes W1, b_hat, Q and W2 from
 `ReCUConv2d.quantize()` (and the mask from `dead_mask()`), so these numbers can never drift
@@ -19,6 +19,7 @@ from torch import nn
 
 from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.layers import ReCUConv2d
+from recu_cli.convert import binary_layers
 from recu_cli.pack.schema import LayerStats
 
 HIST_BINS = 101
@@ -220,23 +221,17 @@ def layer_stats(layer: ReCUConv2d) -> dict[str, Any]:
 
 def model_stats(model: nn.Module) -> list[dict[str, Any]]:
     """`layer_stats` of every ReCUConv2d in module order, each with its dotted name first."""
-    return [
-        {"name": name, **layer_stats(m)}
-        for name, m in model.named_modules()
-        if isinstance(m, ReCUConv2d)
-    ]
+    return [{"name": name, **layer_stats(m)} for name, m in binary_layers(model)]
 
 
-@torch.no_grad()
 @torch.no_grad()
 def dead_weight_share(model: nn.Module) -> float:
     """Share of latent weights with |W1| > Q(tau) over all binary layers."""
     dead = total = 0
-    for m in model.modules():
-        if isinstance(m, ReCUConv2d):
-            mask = m.dead_mask()
-            dead += int(mask.sum())
-            total += mask.numel()
+    for _, m in binary_layers(model):
+        mask = m.dead_mask()
+        dead += int(mask.sum())
+        total += mask.numel()
     return dead / total if total else 0.0
 
 

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-CIFAR_MEAN = (0.485, 0.456, 0.406)
-CIFAR_STD = (0.229, 0.224, 0.225)
+from recu_cli.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 class OptionAShortcut(nn.Module):
@@ -136,8 +135,10 @@ def _cfg(classifier: str, first_conv: str = "conv1") -> dict:
         "pool_size": None,
         "crop_pct": 1.0,
         "interpolation": "bilinear",
-        "mean": CIFAR_MEAN,
-        "std": CIFAR_STD,
+        # ImageNet's statistics, not CIFAR's: what the widely used pretrained CIFAR ResNet
+        # files (and recu's demo weights) were trained with
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
         "first_conv": first_conv,
         "classifier": classifier,
         "license": "bsd-2-clause",

@@ -1,4 +1,4 @@
-"""ReCU layer numerics against hand-computed values (recu-method.md section 1)."""
+"""ReCU layer numerics against hand-computed values (docs/method.md section 1)."""
 
 from __future__ import annotations
 

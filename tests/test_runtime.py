@@ -16,6 +16,7 @@ from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.errors import RecuError
 from recu_cli.runtime import ENGINES, available, ext, fast_conv, to_runtime
 from recu_cli.runtime.fold import fold_epilogue
+from recu_cli.runtime.geometry import ConvGeometry
 from recu_cli.runtime.int8 import Int8Conv2d, onednn_available
 
 # Skip the xnor tests only when the C++ toolchain is absent; with a compiler present, a
@@ -84,12 +85,12 @@ def engine_variants() -> list[tuple[str, str]]:
 def make_engine(layer: BinaryConv2d, engine: str, variant: str, bn=None) -> nn.Module:
     epilogue = fold_epilogue(layer, bn)
     assert epilogue is not None, "this torch's eval BatchNorm formula is not fma(v, a, c)"
-    geom = (layer.stride, layer.padding, layer.dilation)
+    geom = ConvGeometry.of(layer)
     if engine == "xnor":
         from recu_cli.runtime.xnor import XnorConv2d
 
-        return XnorConv2d(layer.weight_sign, epilogue, *geom, isa=variant)
-    return Int8Conv2d(layer.weight_sign, epilogue, *geom, backend=variant)
+        return XnorConv2d(layer.weight_sign, epilogue, geom, isa=variant)
+    return Int8Conv2d(layer.weight_sign, epilogue, geom, backend=variant)
 
 
 @pytest.mark.parametrize(

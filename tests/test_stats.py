@@ -1,4 +1,4 @@
-"""recu_cli.stats against hand-computed values and the Laplace theory of recu-method.md s. 2."""
+"""recu_cli.stats against hand-computed values and the Laplace theory of docs/method.md s. 2."""
 
 from __future__ import annotations
 

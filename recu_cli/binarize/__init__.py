@@ -14,7 +14,6 @@ _HOMES = {
     "BinaryConv2d": "layers",
     "ReCUConv2d": "layers",
     "recu_threshold": "layers",
-    "constant_tau": "tau",
     "tau_schedule": "tau",
 }
 __all__ = sorted(_HOMES)

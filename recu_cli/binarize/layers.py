@@ -1,37 +1,41 @@
 """ReCUConv2d (training form) and BinaryConv2d (deploy form).
 
-Every formula of recu-method.md section 1 lives in `ReCUConv2d.quantize`; the statistics in
-`recu_cli.stats` reuse it instead of re-deriving W1 and Q.
+The weight path's formulas live in binarize/weights.py (docs/method.md section 1); the
+layer's `quantize` returns them, and the statistics in `recu_cli.stats` reuse it instead of
+re-deriving W1 and Q.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recu_cli.binarize.functions import activation_sign, sign_pos, weight_sign_ste
+from recu_cli.binarize.weights import (
+    Quantized,
+    ReCUWeightSign,
+    centred,
+    channel_mean_abs,
+    recu_threshold,
+    recu_weights,
+)
 from recu_cli.convert_config import ALPHA_MODES
 
-WEIGHT_EPS = 1e-5
+__all__ = [
+    "ALPHA_MODES",
+    "BinaryConv2d",
+    "Quantized",
+    "ReCUConv2d",
+    "centred",
+    "recu_threshold",
+    "shift_by_threshold",
+]
+
 AlphaMode = Literal["learned", "analytic"]
-
-
-class Quantized(NamedTuple):
-    """Intermediate tensors of the weight path, named as in the paper."""
-
-    w1: torch.Tensor  # standardized latent weights
-    b_hat: torch.Tensor  # Laplace scale of the layer (0-dim, detached)
-    q: torch.Tensor  # clamp threshold Q(tau) (0-dim, +inf at tau = 1)
-    w2: torch.Tensor  # ReCU(W1) = clamp(W1, -Q, Q)
-
-
-def centred(w: torch.Tensor) -> torch.Tensor:
-    """W0 = W - mean(W) per output channel: what sign() binarizes, and stage 1's weights."""
-    return w - w.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def shift_by_threshold(x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
@@ -41,62 +45,6 @@ def shift_by_threshold(x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tens
     for x == beta, so training, deploy form and runtimes agree bit for bit.
     """
     return x if beta is None else x - beta.view(1, -1, 1, 1).to(x.dtype)
-
-
-def recu_threshold(b_hat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Q(tau) = -b_hat * ln(2 - 2 tau): the tau-quantile of Laplace(0, b_hat); +inf at tau = 1."""
-    return -b_hat * torch.log(2.0 - 2.0 * tau)
-
-
-def standardize_weight(
-    w: torch.Tensor, gain: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W1 = gain * (W - mean) / sqrt(var + eps) per output channel (unbiased var).
-
-    Returns W1, the mean and 1 / sqrt(var + eps) (the last two for hand-written backward).
-    """
-    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=1)
-    inv_std = torch.rsqrt(var + WEIGHT_EPS)
-    return (w - mean) * (gain * inv_std), mean, inv_std
-
-
-class _ReCUWeightSign(torch.autograd.Function):
-    """sign(clamp(standardize(W), -Q, Q)) with the exact gradient, in a few passes.
-
-    Forward: the same functions as `ReCUConv2d.quantize`. Backward: identity STE through
-    sign, zero outside [-Q, Q] (the clamp), then the derivative of the standardization
-    (mean and variance not detached), written out for W1 = k (W - m) inv_std:
-        dW = inv_std * (k (g - mean(g)) - W1 * sum(g * W1) / (k (n - 1)))
-    Q itself is detached (b_hat is), as in the reference code.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, w: torch.Tensor, tau: torch.Tensor, gain: float, standardize: bool, clamp: bool
-    ) -> torch.Tensor:  # noqa: D102
-        if standardize:
-            w1, _, inv_std = standardize_weight(w, gain)
-        else:
-            w1, inv_std = w, None
-        b_hat = w1.abs().mean()
-        q = recu_threshold(b_hat, tau.to(w1.dtype))
-        w2 = torch.clamp(w1, -q, q) if clamp else w1
-        keep = w1.abs() <= q if clamp else None
-        ctx.gain, ctx.standardize = gain, standardize
-        ctx.save_for_backward(w1, inv_std, keep)
-        return sign_pos(w2)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        w1, inv_std, keep = ctx.saved_tensors
-        g = grad if keep is None else grad * keep
-        if ctx.standardize:
-            k = ctx.gain
-            n = w1[0].numel()
-            dot = (g * w1).sum(dim=(1, 2, 3), keepdim=True)
-            g = (g - g.mean(dim=(1, 2, 3), keepdim=True)).mul_(k)
-            g = g.sub_(w1 * (dot / (k * (n - 1)))).mul_(inv_std)
-        return g, None, None, None, None
 
 
 class ReCUConv2d(nn.Conv2d):
@@ -198,9 +146,7 @@ class ReCUConv2d(nn.Conv2d):
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
             if alpha_init == "pretrained":
-                w = conv.weight
-                w0 = w - w.mean(dim=(1, 2, 3), keepdim=True)
-                layer.alpha.copy_(w0.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1))
+                layer.alpha.copy_(channel_mean_abs(centred(conv.weight)))
         return layer
 
     def set_tau(self, tau: float) -> None:
@@ -212,8 +158,7 @@ class ReCUConv2d(nn.Conv2d):
 
         Called when stage 2 starts, so that alpha * sign(W0) continues stage 1's W0.
         """
-        w0 = centred(self.weight)
-        self.alpha.copy_(w0.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1).to(self.alpha.dtype))
+        self.alpha.copy_(channel_mean_abs(centred(self.weight)).to(self.alpha.dtype))
 
     def shifted_input(self, x: torch.Tensor) -> torch.Tensor:
         return shift_by_threshold(x, self.act_threshold)
@@ -225,12 +170,7 @@ class ReCUConv2d(nn.Conv2d):
 
     def quantize(self) -> Quantized:
         """W -> W1 (standardize) -> b_hat, Q(tau) -> W2 = clamp(W1, -Q, Q). No host sync."""
-        w = self.weight
-        w1 = standardize_weight(w, self.gain)[0] if self.standardize else w
-        b_hat = w1.detach().abs().mean()
-        q = recu_threshold(b_hat, self.tau.to(w1.dtype))
-        w2 = torch.clamp(w1, -q, q) if self.clamp else w1
-        return Quantized(w1, b_hat, q, w2)
+        return recu_weights(self.weight, self.tau, self.gain, self.standardize, self.clamp)[0]
 
     def binary_weight(self) -> torch.Tensor:
         """The +-1 weights used in the forward (straight-through gradient to the latents)."""
@@ -242,15 +182,11 @@ class ReCUConv2d(nn.Conv2d):
         return qz.w1.detach().abs() > qz.q
 
     def effective_alpha(self, w2: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-output-channel scale [Cout, 1, 1] applied to the binary conv."""
+        """Per-output-channel scale [Cout, 1, 1] applied to the binary conv (no side effect:
+        the analytic mode's buffer is updated by `forward`, the one place that applies it)."""
         if self.alpha_mode == "learned":
             return self.alpha
-        if w2 is None:
-            w2 = self.quantize().w2
-        alpha = w2.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1)
-        with torch.no_grad():
-            self.alpha.copy_(alpha.detach())
-        return alpha
+        return channel_mean_abs(self.quantize().w2 if w2 is None else w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         xb = activation_sign(
@@ -259,13 +195,15 @@ class ReCUConv2d(nn.Conv2d):
         if not self.binarize_weights:  # stage 1: real centred weights, no alpha
             wb, alpha = centred(self.weight).to(xb.dtype), None
         elif self.alpha_mode == "learned":
-            wb = _ReCUWeightSign.apply(
+            wb = ReCUWeightSign.apply(
                 self.weight, self.tau, self.gain, self.standardize, self.clamp
             )
             alpha = self.alpha
         else:  # the analytic alpha needs W2 itself, with its own gradient
             w2 = self.quantize().w2
             wb, alpha = weight_sign_ste(w2), self.effective_alpha(w2)
+            with torch.no_grad():  # the buffer shows the scale last applied (state_dict)
+                self.alpha.copy_(alpha.detach())
         out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
         # alpha and bias in the conv's output dtype: under autocast an fp32 [C,1,1] factor
         # would promote the half output, and with it BN, the adds and the saved tensors

@@ -1,4 +1,4 @@
-"""The tau schedules: which quantile of the weight distribution ReCU clamps at."""
+"""The tau schedule: which quantile of the weight distribution ReCU clamps at."""
 
 from __future__ import annotations
 
@@ -21,8 +21,3 @@ def tau_schedule(
     a = (tau_max - tau_min) / (math.e - 1.0)
     b = tau_min - a
     return a * math.exp(epoch / epochs) + b
-
-
-def constant_tau(epoch: float, epochs: int, tau: float = 1.0) -> float:
-    """A fixed tau (tau = 1 means no clamp: ReCU switched off)."""
-    return tau

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from recu_cli.app import app, console, print_json
 from recu_cli.commands.options import FpLayers, Json, NumClasses, Pretrained, Quiet, Weights
-from recu_cli.devices import pick_device
 from recu_cli.errors import RecuError
 
 
@@ -63,7 +61,10 @@ def eval_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Top-1 / top-5 accuracy (percent) on the validation split."""
+    import torch
+
     from recu_cli.data import build_data, make_loader
+    from recu_cli.devices import pick_device
     from recu_cli.evaluate import evaluate
 
     dev = pick_device(device)

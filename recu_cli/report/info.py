@@ -11,68 +11,43 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from torch import nn
 
-from recu_cli import pack
 from recu_cli.report.fit import Column, fitted_table
 
-
-def _output_shapes(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Per-sample output shape of every conv and linear at `input_size` (meta forward)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(
-                m.register_forward_hook(
-                    lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))
-                )
-            )
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_size, device="meta"))
-    except Exception:  # noqa: BLE001 - an exotic forward on meta: report compute as n/a
-        shapes.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
-
-
-def _macs(m: nn.Module, out: tuple[int, ...] | None) -> int | None:
-    if out is None:
-        return None
-    if isinstance(m, nn.Conv2d):
-        kh, kw = m.kernel_size
-        return math.prod(out) * (m.in_channels // m.groups) * kh * kw
-    if isinstance(m, nn.Linear):
-        return math.prod(out) * m.in_features
-    return None
+if TYPE_CHECKING:
+    from recu_cli.pack import PackedFile, TensorInfo
+    from recu_cli.report.modules import ModuleFacts
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
-    """Per-module and total sizes and compute of a packed file, JSON-ready."""
+    """Per-module and total sizes and compute of a packed file, JSON-ready.
+
+    Sizes come from the header alone; the module classes and compute need the rebuilt tree
+    (report/modules.py), which is also what checks the tensors against the recipe."""
+    from recu_cli import pack
+    from recu_cli.report.modules import module_facts
+
     packed = pack.read(path, verify=False, checksum=False)
     model = pack.skeleton(packed)
     pack.check_against_recipe(packed, model)
     pack.verify_checksum(packed)  # last: damage of a known kind gets its own message
-    outputs = _output_shapes(model, packed.spec.input_size)
+    facts = module_facts(model, packed.spec.input_size)
     binary = {e["name"]: e for e in packed.layers}
-    by_owner: dict[str, list[pack.TensorInfo]] = {}
+    by_owner: dict[str, list[TensorInfo]] = {}
     for info in packed.tensors.values():
         by_owner.setdefault(info.name.rpartition(".")[0], []).append(info)
     rows = []
-    for name, m in model.named_modules():
+    for name, fact in facts.items():
         if name not in by_owner:
             continue
-        rows.append(_row(name, m, by_owner.pop(name), binary.get(name), outputs.get(name)))
-    t = _totals(packed, rows, bool(outputs))
+        rows.append(_row(name, fact, by_owner.pop(name), binary.get(name)))
+    computed = any(f.output is not None for f in facts.values())
+    t = _totals(packed, rows, computed)
     return {
         "file": str(packed.path),
         "model": packed.spec.full_name,
@@ -89,20 +64,21 @@ def summarize(path: str | Path) -> dict[str, Any]:
 
 def _row(
     name: str,
-    m: nn.Module,
-    tensors: list[pack.TensorInfo],
+    fact: ModuleFacts,
+    tensors: list[TensorInfo],
     entry: dict[str, Any] | None,
-    out: tuple[int, ...] | None,
 ) -> dict[str, Any]:
-    latent = [t for t in tensors if entry is not None and t.name == name + pack.LATENT_SUFFIX]
+    from recu_cli.pack import BITS_SUFFIX, FLOAT_DTYPES, LATENT_SUFFIX
+
+    latent = [t for t in tensors if entry is not None and t.name == name + LATENT_SUFFIX]
     stored = [t for t in tensors if t not in latent]
-    bits = [t for t in stored if t.name.endswith(pack.BITS_SUFFIX)]
-    floats = [t for t in stored if t.dtype in pack.FLOAT_DTYPES]
-    macs = _macs(m, out)
+    bits = [t for t in stored if t.name.endswith(BITS_SUFFIX)]
+    floats = [t for t in stored if t.dtype in FLOAT_DTYPES]
+    macs = fact.macs
     return {
         "name": name or "(root)",
-        "type": "BinaryConv2d" if entry is not None else type(m).__name__,
-        "output": list(out) if out is not None else None,
+        "type": "BinaryConv2d" if entry is not None else fact.type,
+        "output": list(fact.output) if fact.output is not None else None,
         "binary_params": math.prod(entry["shape"]) if entry is not None else 0,
         "binary_bytes": sum(t.nbytes for t in bits),
         "fp_values": sum(t.numel for t in floats),
@@ -115,7 +91,7 @@ def _row(
     }
 
 
-def _totals(packed: pack.PackedFile, rows: list[dict[str, Any]], compute: bool) -> dict[str, Any]:
+def _totals(packed: PackedFile, rows: list[dict[str, Any]], compute: bool) -> dict[str, Any]:
     def total(key: str) -> int:
         return sum(int(r[key] or 0) for r in rows)
 

@@ -14,6 +14,7 @@ from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.errors import RecuError
 from recu_cli.runtime.base import GroupedConv, RuntimeConv, WithBatchNorm
 from recu_cli.runtime.fold import Epilogue, fold_epilogue
+from recu_cli.runtime.geometry import ConvGeometry
 
 FP_LAYER_MODES = ("exact", "int8")  # how the full-precision layers run (fp_int8.py)
 
@@ -61,14 +62,14 @@ def available(engine: str) -> tuple[bool, str]:
 
 
 def _engine_conv(engine: str, w: torch.Tensor, epi: Epilogue, layer: BinaryConv2d) -> RuntimeConv:
-    geometry = (layer.stride, layer.padding, layer.dilation)
+    geometry = ConvGeometry.of(layer)
     if engine == "xnor":
         from recu_cli.runtime.xnor import XnorConv2d
 
-        return XnorConv2d(w, epi, *geometry)
+        return XnorConv2d(w, epi, geometry)
     from recu_cli.runtime.int8 import Int8Conv2d
 
-    return Int8Conv2d(w, epi, *geometry)
+    return Int8Conv2d(w, epi, geometry)
 
 
 def fast_conv(layer: BinaryConv2d, engine: str, bn: nn.BatchNorm2d | None = None) -> nn.Module:

@@ -7,6 +7,7 @@ from torch import nn
 
 from recu_cli.errors import RecuError
 from recu_cli.runtime.fold import Border, Epilogue, border
+from recu_cli.runtime.geometry import ConvGeometry
 
 
 class RuntimeConv(nn.Module):
@@ -19,21 +20,13 @@ class RuntimeConv(nn.Module):
 
     engine = "?"
 
-    def __init__(
-        self,
-        weight_sign: torch.Tensor,
-        epilogue: Epilogue,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-    ) -> None:
+    def __init__(self, weight_sign: torch.Tensor, epilogue: Epilogue, geometry: ConvGeometry):
         super().__init__()
         w = weight_sign.detach().float().cpu().contiguous()
         self.out_channels, self.in_channels, kh, kw = w.shape
-        self.kernel_size = (kh, kw)
-        self.stride = tuple(stride)
-        self.padding = tuple(padding)
-        self.dilation = tuple(dilation)
+        if geometry.kernel != (kh, kw):
+            raise ValueError(f"geometry kernel {geometry.kernel} but weights {kh}x{kw}")
+        self.geometry = geometry
         self.k = self.in_channels * kh * kw  # true K: padded channel bits never count
         # Plain attributes, not buffers: model.half() or .to(dtype) must not round them.
         self.epilogue = epilogue
@@ -44,10 +37,16 @@ class RuntimeConv(nn.Module):
         self.act_threshold: torch.Tensor | None = None
         self._tables: dict[tuple[int, int], tuple] = {}
 
+    # nn.Conv2d's attribute names, read-only views of the one geometry (callers use them)
+    kernel_size = property(lambda self: self.geometry.kernel)
+    stride = property(lambda self: self.geometry.stride)
+    padding = property(lambda self: self.geometry.padding)
+    dilation = property(lambda self: self.geometry.dilation)
+
     def table(self, hw: tuple[int, int]) -> tuple:
         """The engine's zero-padding data for one input size, computed once per size."""
         if hw not in self._tables:
-            b = border(self.tap_sum, hw, self.stride, self.padding, self.dilation)
+            b = border(self.tap_sum, hw, self.geometry)
             self._tables[hw] = self.make_table(b)
         return self._tables[hw]
 
@@ -113,10 +112,7 @@ class RuntimeConv(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         bn = ", bn folded" if self.epilogue.bn_a is not None else ""
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}{bn}"
-        )
+        return f"{self.in_channels}, {self.out_channels}, {self.geometry}{bn}"
 
 
 class GroupedConv(nn.Module):

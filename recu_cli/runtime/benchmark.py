@@ -1,4 +1,6 @@
-"""Runtime engines vs the float32 deploy form, per binary layer and end to end (prior-art 4.5).
+"""Runtime engines vs the float32 deploy form, per binary layer and end to end.
+
+The protocol is docs/method.md section 7.
 
 One process, the same inputs for every engine, fixed thread counts per measurement
 (torch.utils.benchmark's Timer sets them), median and IQR of blocked_autorange replicates.
@@ -42,7 +44,7 @@ def measure(fn: Callable[[], object], threads: int, min_time: float, min_runs: i
     """Median and IQR (ms) of blocked_autorange replicates of fn() at a fixed thread count.
 
     Slow calls get fewer replicates than min_time allows for; they are measured again for
-    long enough to give at least min_runs replicates (prior-art 4.5 asks for 30).
+    long enough to give at least min_runs replicates (docs/method.md section 7 asks for 30).
     """
     timer = _timer_class()(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_time)

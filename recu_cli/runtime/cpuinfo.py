@@ -1,4 +1,4 @@
-"""What the CPU offers the engines, logged next to every benchmark (prior-art 4.5)."""
+"""What the CPU offers the engines, logged next to every benchmark (docs/method.md section 7)."""
 
 from __future__ import annotations
 

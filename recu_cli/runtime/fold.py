@@ -8,14 +8,15 @@ operations, in the same order, as the deploy form followed by its eval BatchNorm
                                      c = fma(-mean, a, beta), all float32)
 so a folded BatchNorm costs one fused multiply-add per output and the outputs stay
 bit-identical to bn(layer(x)). Folding the BN into one affine map of the dot instead
-(prior-art 4.4: m * popc + b(y, x)) is cheaper by one multiply but rounds differently, and
-in a BNN one last-bit difference flips a sign downstream: measured on pretrained ResNet-20
-and 64 CIFAR images, that moved one image's logits by 11 %. The BN formula is checked
-against F.batch_norm on a probe when folding; if a torch build computes it differently,
-the BN is not folded (the engine runs it as a separate op) rather than folded inexactly.
+(m * popc + b(y, x), docs/method.md section 6) is cheaper by one multiply but rounds
+differently, and in a BNN one last-bit difference flips a sign downstream: measured on
+pretrained ResNet-20 and 64 CIFAR images, that moved one image's logits by 11 %. The BN
+formula is checked against F.batch_norm on a probe when folding; if a torch build computes
+it differently, the BN is not folded (the engine runs it as a separate op) rather than
+folded inexactly.
 
 Zero padding: pixels are grouped into classes by which kernel taps fall on the padding;
-the weights summed over those taps (P) are precomputed per class (prior-art 4.4).
+the weights summed over those taps (P) are precomputed per class (docs/method.md section 6).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.errors import RecuError
+from recu_cli.runtime.geometry import ConvGeometry
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,14 +141,16 @@ class Border:
     out_hw: tuple[int, int]
 
 
-def border(tap_sum: torch.Tensor, hw: tuple[int, int], stride, padding, dilation) -> Border:
-    """Sum of the +-1 weights over the out-of-image taps, per pixel class (C of prior-art 4.4).
+def border(tap_sum: torch.Tensor, hw: tuple[int, int], geometry: ConvGeometry) -> Border:
+    """Sum of the +-1 weights over the out-of-image taps, per pixel class (docs/method.md
+    section 6: the border term P).
 
     tap_sum: [Cout, kh, kw] float64, the weights summed over input channels.
     """
     kh, kw = tap_sum.shape[-2:]
-    ymap, oy = border_classes(hw[0], kh, stride[0], padding[0], dilation[0])
-    xmap, ox = border_classes(hw[1], kw, stride[1], padding[1], dilation[1])
+    g = geometry
+    ymap, oy = border_classes(hw[0], kh, g.stride[0], g.padding[0], g.dilation[0])
+    xmap, ox = border_classes(hw[1], kw, g.stride[1], g.padding[1], g.dilation[1])
     wsum = tap_sum.double()
     mask = (oy[:, None, :, None] | ox[None, :, None, :]).double()  # [nyc, nxc, kh, kw]
     pad_sum = torch.einsum("abkl,okl->abo", mask, wsum)

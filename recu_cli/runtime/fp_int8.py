@@ -21,6 +21,7 @@ from torch import nn
 from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.errors import RecuError
 from recu_cli.runtime import ext
+from recu_cli.runtime.geometry import ConvGeometry
 
 
 def _weight_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,20 +95,18 @@ class Int8Conv2d(_Int8Layer):
 
     def __init__(self, conv: nn.Conv2d, rng: InputRange) -> None:
         super().__init__(conv, rng)
-        self.stride, self.padding = list(conv.stride), list(conv.padding)
-        self.dilation = list(conv.dilation)
+        self.geometry = ConvGeometry.of(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self._packed is None:
             self._packed = torch.ops.onednn.qconv_prepack(
-                self.w_q, self.w_scale, self.x_scale, self.x_zp, self.stride, self.padding,
-                self.dilation, 1, None,
-            )  # fmt: skip
+                self.w_q, self.w_scale, self.x_scale, self.x_zp, *self.geometry.onednn(), 1, None
+            )
         q = _quantize_input(x, self.x_scale, self.x_zp)
         q = q.contiguous(memory_format=torch.channels_last)
         return torch.ops.onednn.qconv_pointwise(
             q, self.x_scale, self.x_zp, self._packed, self.w_scale, self.w_zp, self.bias,
-            self.stride, self.padding, self.dilation, 1, 1.0, 0, torch.float32, "none", [], "",
+            *self.geometry.onednn(), 1, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from recu_cli.blocks import BiRealBasicBlock
 from recu_cli.runtime import ext
 from recu_cli.runtime.fold import exact_bn_terms, pad_channels
+from recu_cli.runtime.geometry import ConvGeometry
 from recu_cli.runtime.xnor import BLOCK, XnorConv2d
 
 # Activation codes of csrc/xnor.cpp (enum Act).
@@ -117,8 +118,8 @@ class FusedBasicBlock(nn.Module):
         ):
             ktab, ymap, xmap = conv.table(size)
             impl.set_conv(
-                i, conv.packed_weight, conv.out_channels, *conv.kernel_size, *conv.stride,
-                *conv.padding, *conv.dilation, ktab, *conv._fwd_args, ymap, xmap, *act.args(), beta,
+                i, conv.packed_weight, conv.out_channels, *conv.geometry.ints(), ktab,
+                *conv._fwd_args, ymap, xmap, *act.args(), beta,
             )  # fmt: skip
         beta1 = _threshold(c1)
         beta1_padded = None if beta1 is None else pad_channels(beta1, BLOCK).contiguous()
@@ -126,8 +127,8 @@ class FusedBasicBlock(nn.Module):
         if self._native_ds:
             conv, bn = self.downsample[0], self.downsample[1]  # type: ignore[index]
             impl.set_downsample(
-                conv.weight.detach(), _detached(conv.bias), list(conv.stride), list(conv.padding),
-                list(conv.dilation), _detached(bn.weight), _detached(bn.bias),
+                conv.weight.detach(), _detached(conv.bias), *ConvGeometry.of(conv).onednn(),
+                _detached(bn.weight), _detached(bn.bias),
                 bn.running_mean, bn.running_var, float(bn.eps),
             )  # fmt: skip
         self._impl[hw] = impl

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from recu_cli.runtime.base import RuntimeConv
 from recu_cli.runtime.fold import Border, Epilogue
+from recu_cli.runtime.geometry import ConvGeometry
 
 BACKENDS = ("onednn", "int_mm")
 Fix = tuple[slice, slice, torch.Tensor]
@@ -79,15 +80,10 @@ class Int8Conv2d(RuntimeConv):
     engine = "int8"
 
     def __init__(
-        self,
-        weight_sign: torch.Tensor,
-        epilogue: Epilogue,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
+        self, weight_sign: torch.Tensor, epilogue: Epilogue, geometry: ConvGeometry,
         backend: str = "auto",
-    ) -> None:
-        super().__init__(weight_sign, epilogue, stride, padding, dilation)
+    ) -> None:  # fmt: skip
+        super().__init__(weight_sign, epilogue, geometry)
         if backend == "auto":
             backend = "onednn" if onednn_available() else "int_mm"
         if backend not in BACKENDS:
@@ -119,9 +115,8 @@ class Int8Conv2d(RuntimeConv):
             cout = self.out_channels
             two = torch.full((cout,), 2.0)
             packed = torch.ops.onednn.qconv_prepack(
-                self.weight_i8, two, 1.0, 0, list(self.stride), list(self.padding),
-                list(self.dilation), 1, None,
-            )  # fmt: skip
+                self.weight_i8, two, 1.0, 0, *self.geometry.onednn(), 1, None
+            )
             zp = torch.zeros(cout, dtype=torch.int64)
             self._prepacked = [packed, two, zp, (-self.w_total).float()]
         return tuple(self._prepacked)
@@ -146,8 +141,8 @@ class Int8Conv2d(RuntimeConv):
         torch.ge(x, 0, out=bits)  # oneDNN wants NHWC u8 and returns NHWC
         packed, two, zp, bias = self._packed()
         out = torch.ops.onednn.qconv_pointwise(
-            bits.view(torch.uint8), 1.0, 0, packed, two, zp, bias, list(self.stride),
-            list(self.padding), list(self.dilation), 1, 1.0, 0, torch.float32, "none", [], "",
+            bits.view(torch.uint8), 1.0, 0, packed, two, zp, bias, *self.geometry.onednn(), 1,
+            1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         for ys, xs, p in fixes:
             out[:, :, ys, xs] += p
@@ -156,9 +151,8 @@ class Int8Conv2d(RuntimeConv):
     def _dot_int_mm(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         (kmap,) = self.table((h, w))
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-            self.kernel_size, self.stride, self.padding, self.dilation,
-        )  # fmt: skip
+        g = self.geometry
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
         ho, wo = kmap.shape[:2]
         hp, wp = h + 2 * ph, w + 2 * pw
         bits = torch.zeros(n, hp, wp, c, dtype=torch.bool)

@@ -14,6 +14,7 @@ from recu_cli.errors import RecuError
 from recu_cli.runtime import ext
 from recu_cli.runtime.base import RuntimeConv
 from recu_cli.runtime.fold import Border, Epilogue, pad_channels
+from recu_cli.runtime.geometry import ConvGeometry
 
 BLOCK = 32  # output channels per weight block in the kernel
 MAX_TAPS = 64  # kh * kw, the kernel's tap-offset table
@@ -25,19 +26,15 @@ class XnorConv2d(RuntimeConv):
     engine = "xnor"
 
     def __init__(
-        self,
-        weight_sign: torch.Tensor,
-        epilogue: Epilogue,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
+        self, weight_sign: torch.Tensor, epilogue: Epilogue, geometry: ConvGeometry,
         isa: str = "auto",
-    ) -> None:
-        super().__init__(weight_sign, epilogue, stride, padding, dilation)
-        if self.kernel_size[0] * self.kernel_size[1] > MAX_TAPS:
+    ) -> None:  # fmt: skip
+        super().__init__(weight_sign, epilogue, geometry)
+        kh, kw = geometry.kernel
+        if kh * kw > MAX_TAPS:
             raise RecuError(
                 f"the xnor kernels handle up to {MAX_TAPS} kernel taps, not "
-                f"{self.kernel_size[0]}x{self.kernel_size[1]}; use the int8 engine"
+                f"{kh}x{kw}; use the int8 engine"
             )
         ops = ext.ops()  # builds the kernels now (or raises RecuError), not at the first call
         self.isa = isa
@@ -55,8 +52,8 @@ class XnorConv2d(RuntimeConv):
         ktab, ymap, xmap = self.table((x.shape[-2], x.shape[-1]))
         args = self._dot_args if dot else self._fwd_args
         return ext.ops().conv(
-            x, self.packed_weight, self.out_channels, *self.kernel_size, *self.stride,
-            *self.padding, *self.dilation, ktab, *args, ymap, xmap, self._isa_code,
+            x, self.packed_weight, self.out_channels, *self.geometry.ints(), ktab, *args, ymap,
+            xmap, self._isa_code,
         )  # fmt: skip
 
     def extra_repr(self) -> str:  # noqa: D102

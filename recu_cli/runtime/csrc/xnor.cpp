@@ -4,7 +4,7 @@
 //   activations  [N][H + 2 ph][W + 2 pw][CW]   zero words on the padded border
 //   weights      [CB][kh][kw][CW][32]          32 output channels per block (zero-filled)
 // A padded tap therefore reads as -1 everywhere; the Python side passes the image-independent
-// border correction P (prior-art 4.4) per pixel class in `ktab` = K + P, so that
+// border correction P (docs/method.md section 6) per pixel class in `ktab` = K + P, so that
 //   dot = ktab[cls(y, x)][o] - 2 popc   (exact),   then the epilogue of `finish` below.
 //
 // The ISA is chosen at run time (AVX-512 VPOPCNTDQ, AVX2 nibble-LUT, portable scalar); the
