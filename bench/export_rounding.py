@@ -148,7 +148,7 @@ def compare(model, names, outs, ref, seen, label: str) -> None:
 
 
 def density(model, seen) -> None:
-    print("\n[4] pre-activations near their threshold (share of all values, PyTorch)")
+    print("\n[4] pre-activations near their threshold (counts, PyTorch)")
     for layer, a in seen.items():
         m = model.get_submodule(layer)
         thr = (m.act_threshold.view(1, -1, 1, 1) if m.act_threshold is not None
@@ -157,9 +157,8 @@ def density(model, seen) -> None:
         d = np.abs(a - thr)
         ulp = np.spacing(np.maximum(np.abs(a), np.abs(thr)).astype(F32))
         print(
-            f"    {layer:16s} within 1 ulp {np.mean(d <= ulp) * 100:7.4f} %   "
-            f"within 8 ulps {np.mean(d <= 8 * ulp) * 100:7.4f} %   exactly equal "
-            f"{int((d == 0).sum())}"
+            f"    {layer:16s} of {d.size:8d}: within 1 ulp {int((d <= ulp).sum()):3d}, "
+            f"within 8 ulps {int((d <= 8 * ulp).sum()):4d}, exactly equal {int((d == 0).sum())}"
         )
 
 
