@@ -160,7 +160,7 @@ def _onnx(
 ) -> None:
     import onnx
 
-    from recu_cli.export import onnx_graph, verify
+    from recu_cli.export import exact, onnx_graph, verify
 
     if fmt == "onnx":
         proto = onnx_graph.build_model(model, spec, onnx_graph.BinaryConvWriter(packed), fmt="onnx")
@@ -168,6 +168,7 @@ def _onnx(
         from recu_cli.export import qonnx
 
         proto = qonnx.build(model, spec, alpha_in_quant)
+    _exact_note(exact.exact_float_layers(proto), result)
     onnx_graph.check(proto)
     onnx.save(proto, str(tmp))
     onnx_graph.check(onnx.load(str(tmp)))  # what was written, not only what was built
@@ -183,8 +184,8 @@ def _onnx(
         )
         result.checks += [exact, default]
         result.notes.append(
-            "onnxruntime's default fusions fold alpha/BatchNorm into conv weights (not exact, "
-            f"docs/deploy.md); disabled_optimizers={list(verify.ORT_INEXACT_FUSIONS)} is exact"
+            "onnxruntime checked twice: with disabled_optimizers="
+            f"{list(verify.ORT_INEXACT_FUSIONS)} and with its default optimizations"
         )
         verify.enforce(exact)
     else:
@@ -196,6 +197,20 @@ def _onnx(
                                required=required)  # fmt: skip
         result.checks.append(check)
         verify.enforce(check)
+
+
+def _exact_note(counts: dict[str, int], result: ExportResult) -> None:
+    """What exact.exact_float_layers rewrote, for the report."""
+    what = ", ".join(f"{n} {k}" for k, n in counts.items() if n and k != "fp Conv kept")
+    kept = counts.get("fp Conv kept", 0)
+    result.notes.append(
+        f"float layers written to round like PyTorch (float64 fma emulation): {what or 'none'}"
+        + (
+            f"; {kept} fp Conv node(s) kept as Conv (do not round like PyTorch's; docs/deploy.md)"
+            if kept
+            else ""
+        )
+    )
 
 
 def _pt2(
