@@ -40,6 +40,14 @@ def export_cmd(
             help="QONNX: alpha as the weights' BipolarQuant scale (Brevitas layout; not exact).",
         ),
     ] = False,
+    exact_rounding: Annotated[
+        bool,
+        typer.Option(
+            "--exact-rounding",
+            help="ONNX/QONNX: BatchNorm, alpha and a small stem conv as float64 fma emulation, so "
+            "every sign matches recu bit for bit (slower; not for TensorRT/FINN).",
+        ),
+    ] = False,
     data: Annotated[
         str | None,
         typer.Option(
@@ -58,7 +66,7 @@ def export_cmd(
 
     result = export_file(
         file, output, fmt, packed=packed, alpha_in_quant=alpha_in_quant, data=data,
-        batch=verify_batch, seed=seed,
+        batch=verify_batch, seed=seed, exact_rounding=exact_rounding,
     )  # fmt: skip
     if json_out:
         print_json(result.to_dict())
