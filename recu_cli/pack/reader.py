@@ -148,7 +148,7 @@ def verify_checksum(packed: PackedFile, header: dict[str, Any] | None = None) ->
     if s.CHECKSUM not in meta:
         if str(packed.path) not in _NOTED:
             _NOTED.add(str(packed.path))
-            from recu_cli.app import err_console
+            from recu_cli.console import err_console
 
             err_console.print(
                 f"note: {packed.path} has no checksum (written by recu {packed.recu_version}), "
