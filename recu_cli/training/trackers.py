@@ -36,24 +36,23 @@ class FlipTracker:
 
     @torch.no_grad()
     def rates(self, model: nn.Module) -> dict[str, float]:
-        from recu_cli.stats import flip_rates
+        """Rates of the whole model, pooled from each layer's counts (stats.flip_counts)."""
+        from recu_cli.stats import flip_counts
 
-        flips = tail_flips = tails = n = 0
+        total = {"flips": 0, "n": 0, "tail_flips": 0, "tail_n": 0}
         for name, layer in binary_layers(model):
             if name not in self.start:
                 continue
             old_plus, tail = self.start[name]
-            r = flip_rates(old_plus.float() * 2 - 1, sign_pos(layer.quantize().w2), tail)
-            size, n_tail = old_plus.numel(), int(tail.sum())
-            flips += r["overall"] * size
-            tail_flips += (r["tail"] or 0.0) * n_tail
-            tails += n_tail
-            n += size
+            c = flip_counts(old_plus.float() * 2 - 1, sign_pos(layer.quantize().w2), tail)
+            for k in total:
+                total[k] += c[k]
+        n, tails = total["n"], total["tail_n"]
         core = n - tails
         return {
-            "flip_rate": flips / n if n else 0.0,
-            "flip_rate_tail": tail_flips / tails if tails else 0.0,
-            "flip_rate_core": (flips - tail_flips) / core if core else 0.0,
+            "flip_rate": total["flips"] / n if n else 0.0,
+            "flip_rate_tail": total["tail_flips"] / tails if tails else 0.0,
+            "flip_rate_core": (total["flips"] - total["tail_flips"]) / core if core else 0.0,
         }
 
     def state(self) -> dict[str, torch.Tensor]:
