@@ -78,6 +78,7 @@ def val500() -> torch.Tensor:
 
 
 def _export(capsys, src: Path, out: Path, *extra: str) -> dict:
+    capsys.readouterr()  # drop what the test printed before, so stdout is the JSON alone
     code, stdout, err = run_cli(["export", str(src), "-o", str(out), "--json", *extra], capsys)
     assert code == 0, err
     report = json.loads(stdout)
