@@ -127,11 +127,9 @@ class _Rewriter:
         self.counts = {"BatchNormalization": 0, "alpha Mul": 0, "fp Conv": 0, "fp Conv kept": 0}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+        from recu_cli.export.onnx_nodes import unique_name
+
+        return unique_name(base, self.names)
 
     def const(self, base: str, arr: np.ndarray) -> str:
         name = self.fresh(base)

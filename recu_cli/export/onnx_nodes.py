@@ -33,6 +33,15 @@ def onnx_lib() -> Any:
     return onnx
 
 
+def unique_name(base: str, taken: set[str]) -> str:
+    """base, or base_1, base_2, ...: the first name not yet in the graph (then taken)."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
 class GraphBuilder:
     """Accumulates ONNX nodes and initializers with unique names."""
 
@@ -44,11 +53,7 @@ class GraphBuilder:
         self._shared: dict[str, str] = {}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
+        return unique_name(base, self._names)
 
     def const(self, base: str, value: np.ndarray | torch.Tensor) -> str:
         """A named initializer (float tensors are stored as float32)."""
