@@ -57,6 +57,8 @@ def test_yaml_config_file_under_the_flags(tmp_path) -> None:
     assert (cfg.lr, cfg.batch_size, cfg.stage1_epochs) == (0.005, 32, 4)  # recipe on 8 epochs
     assert cfg.convert.activation == "identity" and cfg.convert.keep == ("layer3.*",)
     assert config_of("--config", str(path), "--act", "prelu").convert.activation == "prelu"
+    path.write_text("model: resnet20\ndata: demo\nlr: 1e-3\n")  # YAML 1.1 reads 1e-3 as text
+    assert config_of("--config", str(path)).lr == 1e-3
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,7 @@ def test_yaml_config_file_under_the_flags(tmp_path) -> None:
         ("model: resnet20\nconvert: {act: prelu}\n", "unknown setting 'convert.act'"),
         ("- resnet20\n", "must hold a mapping"),
         ("model: [resnet20\n", "cannot read config file"),
+        ("model: resnet20\nlr: fast\n", "'lr' in config file"),
     ],
 )
 def test_bad_config_file_is_one_line(capsys, tmp_path, text, fragment) -> None:

@@ -167,6 +167,9 @@ def _known_keys(payload: dict[str, Any], path: Path) -> dict[str, Any]:
     for key in out:
         if key not in names:
             raise RecuError(f"unknown setting '{key}' in config file {path}")
+    for f in fields(TrainConfig):
+        if f.name in out and "float" in str(f.type) and isinstance(out[f.name], str):
+            out[f.name] = _number(out[f.name], f.name, path)
     convert = out.get("convert", {})
     if not isinstance(convert, dict):
         raise RecuError(f"'convert' in config file {path} must be a mapping of option: value")
@@ -176,3 +179,11 @@ def _known_keys(payload: dict[str, Any], path: Path) -> dict[str, Any]:
         if key not in known:
             raise RecuError(f"unknown setting 'convert.{key}' in config file {path}")
     return out
+
+
+def _number(text: str, key: str, path: Path) -> float:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: a number field takes it as the number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise RecuError(f"'{key}' in config file {path} must be a number, got {text!r}") from None
