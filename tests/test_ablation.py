@@ -82,7 +82,6 @@ def test_alpha_modes_differ_as_stated() -> None:
     assert analytic.effective_alpha().mean().item() == pytest.approx(b * (2 * 0.85 - 1), rel=0.15)
 
 
-
 def test_effective_alpha_is_pure_and_forward_records_the_analytic_scale() -> None:
     layer = laplace_layer(alpha_mode="analytic", tau=0.85)
     before = layer.alpha.clone()
@@ -90,6 +89,7 @@ def test_effective_alpha_is_pure_and_forward_records_the_analytic_scale() -> Non
     assert torch.equal(layer.alpha, before)  # asking for the scale changes nothing
     layer(torch.randn(2, layer.in_channels, 6, 6))
     assert torch.equal(layer.alpha, alpha.detach())  # the buffer holds the scale applied
+
 
 def test_flip_tracker_on_a_hand_made_layer() -> None:
     """8 weights in one filter: 2 in the tails, 6 in the core; flip 1 tail and 2 core."""
