@@ -28,7 +28,6 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.export import exact, onnx_graph
 from recu_cli.pack import load, read_spec
 
@@ -90,17 +89,6 @@ def torch_kernels(model: torch.nn.Module, x: torch.Tensor) -> None:
             order = ", ".join(axes[p] for p in perm)
             kind = "fma" if use_fma else "mul+add"
             print(f"      loops ({order}) {kind:8s} {np.mean(acc != yn) * 100:7.3f} %")
-
-
-def sign_inputs(model, x):
-    seen = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
-             for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]  # fmt: skip
-    with torch.no_grad():
-        ref = model(x).numpy()
-    for h in hooks:
-        h.remove()
-    return ref, seen
 
 
 def probe_graph(proto, path: Path) -> dict[str, str]:
@@ -183,7 +171,7 @@ def main() -> None:
         f"{threads} vs 1 thread max diff {float((ref - ref1).abs().max())}"
     )
     torch_kernels(model, x[:50])
-    ref, seen = sign_inputs(model, x)
+    ref, seen = exact.sign_inputs(model, x)
     xs = x.numpy()
     print(f"\n[3] sign inputs in onnxruntime {ort.__version__} vs PyTorch {torch.__version__}")
     with tempfile.TemporaryDirectory() as d:

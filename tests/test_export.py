@@ -158,13 +158,7 @@ def test_every_sign_input_is_bit_identical_with_pytorch(checkpoints, val500, tmp
     path = tmp_path / "probe.onnx"
     onnx.save(proto, str(path))
     x = val500[:100]
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
-             for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]  # fmt: skip
-    with torch.no_grad():
-        ref = model(x).numpy()
-    for h in hooks:
-        h.remove()
+    ref, seen = exact.sign_inputs(model, x)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x.numpy()}),
                    strict=True))  # fmt: skip

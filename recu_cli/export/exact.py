@@ -251,3 +251,22 @@ class _Rewriter:
 def exact_float_layers(proto: Any) -> dict[str, int]:
     """Rewrite `proto` in place (see the module docstring); how many nodes of each kind."""
     return _Rewriter(proto).run()
+
+
+def sign_inputs(
+    model: torch.nn.Module, x: torch.Tensor
+) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """recu's logits, and what each binary conv's activation compares with its threshold:
+    the values an exported graph must reproduce bit for bit for no sign to flip."""
+    from recu_cli.binarize.layers import BinaryConv2d
+
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].clone()))
+             for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            ref = model(x).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return ref, seen
