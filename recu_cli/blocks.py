@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from recu_cli.convert_config import ACTIVATIONS
+from recu_cli.prelu import PReLU
 
 
 def sign_friendly_activation(kind: str, channels: int = 1) -> nn.Module:
@@ -17,7 +18,7 @@ def sign_friendly_activation(kind: str, channels: int = 1) -> nn.Module:
     if kind == "hardtanh":
         return nn.Hardtanh()
     if kind == "prelu":
-        return nn.PReLU(channels, init=0.25)
+        return PReLU(channels, init=0.25)
     if kind == "identity":
         return nn.Identity()
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
