@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from recu_cli.convert import ConvertConfig, binary_layers, convert_model
 from recu_cli.models import create_model
+from recu_cli.runtime.allocator import keep_freed_memory
 
 CASES = (("resnet20", 32, 128), ("resnet18", 224, 16))
 FINETUNE = ConvertConfig(activation="prelu", act_threshold="median", tau=0.85)
@@ -56,7 +57,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     ap.add_argument("--models", nargs="*", default=[c[0] for c in CASES], help="cases to run")
+    ap.add_argument(
+        "--glibc-trim",
+        action="store_true",
+        help="leave glibc's default mmap/trim behaviour (recu binarize turns it off on CPU)",
+    )
     args = ap.parse_args()
+    if not args.glibc_trim:
+        keep_freed_memory()  # what `recu binarize` does on CPU; applies to every model here
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(

@@ -16,6 +16,7 @@ from recu_cli.binarize.functions import (
     rescale_activation,
     weight_sign_ste,
 )
+from recu_cli.binarize.weights import ReCUWeightSign
 
 
 def make_layer(**kw) -> ReCUConv2d:
@@ -133,7 +134,33 @@ def test_activation_rescale_only_in_training() -> None:
     layer.train()
     with torch.no_grad():
         y_train = layer(x)
-    assert torch.equal(y_eval, y_train)  # sign(A / s) == sign(A): same forward
+    # sign(A / s) == sign(A): same signs; training folds alpha into the weights
+    # (alpha * conv(x, w) == conv(x, alpha * w)), so the outputs agree to rounding
+    torch.testing.assert_close(y_eval, y_train, rtol=1e-6, atol=1e-6)
+    layer.alpha.data.fill_(1.0)  # alpha = 1: the fold is exact, so the forward is too
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.eval()(x))
+
+
+def test_training_alpha_fold_matches_scaling_the_output() -> None:
+    """conv(x, alpha * wb) in training: same output and gradients as alpha * conv(x, wb)."""
+    layer = make_layer()
+    x = torch.randn(3, 6, 7, 7, requires_grad=True)
+    g = torch.randn(3, 8, 7, 7)
+    layer.train()
+    layer(x).backward(g)
+    folded = [t.grad.clone() for t in (x, layer.weight, layer.alpha)]
+    out_folded = layer(x).detach()
+    for t in (x, layer.weight, layer.alpha):
+        t.grad = None
+    xb = activation_sign(x, rescale=True)
+    wb = ReCUWeightSign.apply(layer.weight, layer.tau, layer.gain, True, True)
+    ref = F.conv2d(xb, wb, padding=1) * layer.alpha
+    ref.backward(g)
+    torch.testing.assert_close(out_folded, ref.detach(), rtol=1e-6, atol=1e-6)
+    for got, t in zip(folded, (x, layer.weight, layer.alpha), strict=True):
+        scale = t.grad.abs().max().item()  # cancellations in the weight path: judge by scale
+        torch.testing.assert_close(got, t.grad, rtol=0, atol=1e-6 * scale)
 
 
 def test_alpha_learned_and_initialised_from_pretrained() -> None:

@@ -16,10 +16,14 @@ ACT_EPS = 1e-5
 def sign_pos(x: torch.Tensor) -> torch.Tensor:
     """sign with sign(0) = sign(-0) = +1, in x's dtype.
 
-    Written as copysign(1, x + 0.0) (IEEE: -0.0 + 0.0 = +0.0): on CPU it runs about 6x
-    faster than torch.where(x >= 0, 1, -1), which it equals for every non-NaN x.
+    Written as sign(sign(x) + 0.5): sign(x) is -1, +-0 or +1, and adding 0.5 moves both
+    zeros to +0.5 and nothing across zero. One fresh tensor, written in place after that:
+    on CPU each fresh activation-sized tensor costs page faults, so this runs 2-10x faster
+    than torch.ones_like(x).copysign_(x + 0.0) (two fresh tensors) and far faster than
+    torch.where(x >= 0, 1, -1) (bool kernels are slow there); it equals both for every
+    non-NaN x (NaN stays NaN).
     """
-    return torch.ones_like(x).copysign_(x + 0.0)
+    return torch.sign(x).add_(0.5).sign_()
 
 
 class _WeightSignSTE(torch.autograd.Function):
@@ -75,11 +79,12 @@ class _RescaledApproxSign(torch.autograd.Function):
         n = a[0].numel()
         acc = _accumulation_dtype(a)
         # unbiased variance from the first two moments: two fast reductions instead of
-        # torch.var_mean's Welford pass, which is ~15x slower on CPU for this layout;
+        # torch.var_mean's Welford pass, which is ~15x slower on CPU for this layout (the
+        # squares via vector_norm, which reads a once and writes no squared copy);
         # accumulated in fp32 for half inputs (a sum of ~200k squares overflows fp16)
         with _without_autocast(a.device.type):  # no autocast copies to fp32
             mean = a.mean(dim=dims, keepdim=True, dtype=acc)
-            sq = a.square().sum(dim=dims, keepdim=True, dtype=acc)
+            sq = torch.linalg.vector_norm(a, dim=dims, keepdim=True, dtype=acc).square()
             var = (sq - n * mean.square()) / (n - 1)
             inv_std = torch.rsqrt(var.clamp_(min=0.0) + ACT_EPS)
         ctx.save_for_backward(a, mean, inv_std)

@@ -204,6 +204,12 @@ class ReCUConv2d(nn.Conv2d):
             wb, alpha = weight_sign_ste(w2), self.effective_alpha(w2)
             with torch.no_grad():  # the buffer shows the scale last applied (state_dict)
                 self.alpha.copy_(alpha.detach())
+        if alpha is not None and self.training:
+            # alpha * conv(x, wb) == conv(x, alpha * wb): scaling the [Cout, Cin, k, k]
+            # weights instead of the [N, Cout, H, W] output saves three passes over the
+            # output per step (forward, and both gradients). Eval keeps the product after
+            # the conv, the order the deploy form and the runtimes reproduce bit for bit.
+            wb, alpha = wb * alpha.view(-1, 1, 1, 1).to(wb.dtype), None
         out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
         # alpha and bias in the conv's output dtype: under autocast an fp32 [C,1,1] factor
         # would promote the half output, and with it BN, the adds and the saved tensors

@@ -267,6 +267,9 @@ def binarize(
     """Fine-tune MODEL as a ReCU binary network; writes a run folder with packed checkpoints."""
     given = given_params(ctx)
     quiet = quiet or json_out
+    from recu_cli.runtime.allocator import keep_freed_memory
+
+    keep_freed_memory()  # a CPU training step allocates dozens of activation-sized tensors
     if resume is not None:
         if model is not None or data is not None:
             raise RecuError(

@@ -4,8 +4,10 @@ glibc serves allocations above a threshold (32 MiB at most) with fresh mmap page
 returns them to the OS on free, so a batch-16 ResNet-18 forward, whose stem output alone is
 51 MB, page-faults through every large tensor on every call: measured here, that made the
 runtime 2-3x slower at batch 16 (docs/performance.md). ONNX Runtime and OpenVINO keep their
-own memory arenas; this gives recu's runtime the same footing. Process-wide, so the CLI's
-runtime commands set it, and library users opt in by calling `keep_freed_memory()`.
+own memory arenas; this gives recu's runtime the same footing. A CPU training step is
+the same story with more tensors (every activation, its sign, their gradients), so
+`recu binarize` sets it too (bench/train_step.py measures both settings). Process-wide, so
+the CLI's commands set it, and library users opt in by calling `keep_freed_memory()`.
 """
 
 from __future__ import annotations
