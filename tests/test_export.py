@@ -57,7 +57,6 @@ def checkpoints(tmp_path_factory, small_cifar) -> dict[str, Path]:
         return buf.getvalue()
 
     cli(["convert", "resnet20", "--weights", str(weights), "-o", str(d / "converted.safetensors")])
-
     def binarize(name: str, *extra: str) -> Path:
         out = cli(["binarize", "resnet20", "--weights", str(weights), "--data", str(small_cifar),
                    "--epochs", "1", "--max-steps", "5", "-b", "16", "-j", "0", "-o", str(d),

@@ -141,7 +141,9 @@ def thresholded_resnet20(weights: Path, images: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def test_packed_round_trip_with_thresholds_and_runtime_engines(resnet20_weights, tmp_path) -> None:
+def test_packed_round_trip_with_thresholds_and_runtime_engines(
+    resnet20_weights, tmp_path
+) -> None:
     from recu_cli import pack
     from recu_cli.runtime import to_runtime
     from tests.conftest import cifar_batch
@@ -224,10 +226,7 @@ def finetune_config(data: Path, weights: Path, out: Path, name: str, **kw) -> Tr
 
 
 def test_two_stage_run_resumes_exactly_across_the_boundary(
-    capsys,
-    small_cifar,
-    resnet20_weights,
-    tmp_path,  # noqa: F811
+    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
 ) -> None:
     straight = finetune_config(small_cifar, resnet20_weights, tmp_path, "straight", epochs=2)
     assert straight.stage1_epochs == 1 and straight.feature_kd > 0
@@ -254,10 +253,7 @@ def test_two_stage_run_resumes_exactly_across_the_boundary(
 
 
 def test_sigint_inside_stage_two_resumes_to_the_bit(
-    capsys,
-    small_cifar,
-    resnet20_weights,
-    tmp_path,  # noqa: F811
+    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
 ) -> None:
     import re
     import signal
@@ -294,9 +290,7 @@ def test_sigint_inside_stage_two_resumes_to_the_bit(
 
 
 def test_stage_switch_changes_exactly_what_it_says(
-    small_cifar,
-    resnet20_weights,
-    tmp_path,  # noqa: F811
+    small_cifar, resnet20_weights, tmp_path  # noqa: F811
 ) -> None:
     cfg = finetune_config(small_cifar, resnet20_weights, tmp_path, "switch", epochs=2)
     trainer = Trainer(cfg, quiet=True)
@@ -318,10 +312,7 @@ def test_stage_switch_changes_exactly_what_it_says(
 
 
 def test_autocast_bf16_steps_of_the_recipe_on_cpu(
-    capsys,
-    small_cifar,
-    resnet20_weights,
-    tmp_path,  # noqa: F811
+    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
 ) -> None:
     """The mixed-precision path (CPU bf16 autocast = the CUDA bf16 code) trains and packs."""
     code, out, err = run_cli(
