@@ -164,7 +164,10 @@ def test_every_sign_input_is_bit_identical_with_pytorch(checkpoints, val500, tmp
                    strict=True))  # fmt: skip
     for layer, name in sign_in.items():
         assert np.array_equal(got[name], seen[layer].numpy()), layer
-    assert np.abs(got[onnx_graph.OUTPUT_NAME] - ref).max() < 1e-5
+    # every sign input identical: only the classifier's sum order is left (~1e-6 of the
+    # logits' size); the issue's bound for the whole graph is 1e-4
+    diff = np.abs(got[onnx_graph.OUTPUT_NAME] - ref).max()
+    assert diff <= 1e-6 * np.abs(ref).max() + 1e-5, diff
 
 
 def test_bn_terms_and_fma_chain_round_like_pytorch() -> None:
