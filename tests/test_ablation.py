@@ -13,7 +13,7 @@ from recu_cli.commands.options import convert_config
 from recu_cli.convert import convert_model, set_tau
 from recu_cli.models import create_model
 from recu_cli.stats import dead_weight_share
-from recu_cli.train import FlipTracker
+from recu_cli.training import FlipTracker
 
 
 def laplace_layer(**kw) -> ReCUConv2d:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recu_cli.train import TrainConfig, Trainer, build_optimizer
+from recu_cli.training import TrainConfig, Trainer, build_optimizer
 from tests.test_cli_models import run_cli
 from tests.test_train import binarize_args, small_cifar  # noqa: F401 - fixture
 
@@ -169,8 +169,8 @@ def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
     optimizer run; the first read is the sync point (every --log-interval steps, or the
     end of this 7-step epoch without logging)."""
     from recu_cli.progress import make_progress
-    from recu_cli.step_metrics import StepMetrics
     from recu_cli.training.signals import StopOnSigint as _StopOnSigint
+    from recu_cli.training.step_metrics import StepMetrics
 
     cfg = short_config(
         small_cifar, resnet20_weights, tmp_path, "steps", max_steps=None, log_interval=log_interval
@@ -201,8 +201,8 @@ def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
 
 
 def test_step_metrics_sum_as_python_floats_did_and_find_the_first_bad_step() -> None:
-    from recu_cli.distributed import DistInfo
-    from recu_cli.step_metrics import StepMetrics
+    from recu_cli.training.distributed import DistInfo
+    from recu_cli.training.step_metrics import StepMetrics
 
     info = DistInfo()
     gen = torch.Generator().manual_seed(2)

@@ -16,9 +16,9 @@ from torch import nn
 from recu_cli.binarize.layers import BinaryConv2d, ReCUConv2d
 from recu_cli.calibrate import calibrate_thresholds, one_sided_share, sign_balance
 from recu_cli.convert import ConvertConfig, binary_layers, convert_model, to_deploy
-from recu_cli.distill import attention_loss, attention_map, feature_points
 from recu_cli.models import create_model
-from recu_cli.train import TrainConfig, Trainer, param_groups
+from recu_cli.training import TrainConfig, Trainer, param_groups
+from recu_cli.training.distill import attention_loss, attention_map, feature_points
 from tests.test_cli_models import assert_one_line_error, run_cli
 from tests.test_runtime import XNOR_OK, signed_input
 from tests.test_train import final_state, small_cifar  # noqa: F401 - fixture

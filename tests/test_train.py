@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recu_cli.train import SUMMARY_FIELDS, TrainConfig, Trainer, TrainingStopped
+from recu_cli.training import SUMMARY_FIELDS, TrainConfig, Trainer, TrainingStopped
 from tests.test_cli_models import assert_one_line_error, run_cli
 
 RUN_ARGS = [

@@ -26,7 +26,7 @@ from recu_cli.commands.options import (
 )
 from recu_cli.errors import RecuError
 from recu_cli.recipes import DEFAULT_RECIPE, RECIPE_HELP
-from recu_cli.resumeclock import DEFAULT_INTERVAL
+from recu_cli.training.resumeclock import DEFAULT_INTERVAL
 
 ADVICE = (
     RECIPE_HELP + " Both use ReCU's weight path (standardization, clamp, tau "
@@ -320,7 +320,7 @@ def given_params(ctx: typer.Context) -> dict[str, Any]:
 
 def _resumed(run_dir: Path, given: dict[str, Any], quiet: bool):
     """The Trainer of `--resume RUN` with the flags --resume accepts applied (resume_rules)."""
-    from recu_cli.resume_rules import apply_resume_flags, finished
+    from recu_cli.training.resume_rules import apply_resume_flags, finished
     from recu_cli.training.run_folder import load_run_config, read_position
     from recu_cli.training.trainer import Trainer
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from recu_cli.binarize.tau import TAU_MAX, TAU_MIN
-from recu_cli.convert import ConvertConfig
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
-from recu_cli.resumeclock import DEFAULT_INTERVAL, parse_interval
+from recu_cli.training.resumeclock import DEFAULT_INTERVAL, parse_interval
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

@@ -9,15 +9,15 @@ import torch
 from rich.progress import Progress
 
 from recu_cli.convert import set_tau
-from recu_cli.distributed import DistInfo, all_reduce_sum, barrier, shutdown, sync_buffers
 from recu_cli.imagecheck import bad_of
-from recu_cli.step_metrics import SyncResult
 from recu_cli.training.config import TrainConfig
+from recu_cli.training.distributed import DistInfo, all_reduce_sum, barrier, shutdown, sync_buffers
 from recu_cli.training.optim import enter_stage, tau_at
 from recu_cli.training.parts import Parts
 from recu_cli.training.run_folder import RunFolder
 from recu_cli.training.signals import StopOnSigint
 from recu_cli.training.state import TrainingStopped, TrainState
+from recu_cli.training.step_metrics import SyncResult
 from recu_cli.training.steps import epoch_line, epoch_row, train_step, validate
 
 SYNC_STEPS = 50  # host sync points without --log-interval (non-finite loss, Ctrl-C under DDP)

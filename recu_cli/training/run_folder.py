@@ -23,10 +23,10 @@ import torch
 
 from recu_cli.atomic import atomic_path, write_bytes
 from recu_cli.console import echo_err
-from recu_cli.distributed import DistInfo, broadcast_object
 from recu_cli.errors import RecuError
-from recu_cli.runlock import LOCK_NAME, RunLock
 from recu_cli.training.config import TrainConfig
+from recu_cli.training.distributed import DistInfo, broadcast_object
+from recu_cli.training.runlock import LOCK_NAME, RunLock
 from recu_cli.training.state import Position, TrainingStopped, TrainState, resume_state
 
 if TYPE_CHECKING:

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from recu_cli.distributed import DistInfo
 from recu_cli.errors import RecuError
-from recu_cli.resumeclock import ResumeClock
-from recu_cli.step_metrics import StepMetrics
+from recu_cli.training.distributed import DistInfo
+from recu_cli.training.resumeclock import ResumeClock
+from recu_cli.training.step_metrics import StepMetrics
 from recu_cli.training.trackers import FlipTracker, SkippedImages
 
 if TYPE_CHECKING:

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from recu_cli.convert import binary_layers
-from recu_cli.distill import attention_loss, distillation_loss
-from recu_cli.distributed import DistInfo, agree, all_reduce_sum
 from recu_cli.evaluate import EvalResult, batch_sums
 from recu_cli.imagecheck import fail_on_bad
 from recu_cli.training.config import TrainConfig
+from recu_cli.training.distill import attention_loss, distillation_loss
+from recu_cli.training.distributed import DistInfo, agree, all_reduce_sum
 from recu_cli.training.parts import Parts
 from recu_cli.training.state import TrainState
 

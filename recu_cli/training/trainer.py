@@ -13,19 +13,19 @@ from torch import nn
 
 from recu_cli.data import calibration_images
 from recu_cli.devices import bind_device, configure_backends, pick_device
-from recu_cli.distributed import barrier, init_distributed, shutdown
 from recu_cli.errors import RecuError
 from recu_cli.progress import make_progress
-from recu_cli.resumeclock import ResumeClock
 from recu_cli.step0 import describe_step0, step0_numbers
-from recu_cli.step_metrics import StepMetrics
 from recu_cli.training.config import TrainConfig
+from recu_cli.training.distributed import barrier, init_distributed, shutdown
 from recu_cli.training.loop import EpochLoop
 from recu_cli.training.optim import enter_stage, stage_of
 from recu_cli.training.parts import Parts, build_parts
+from recu_cli.training.resumeclock import ResumeClock
 from recu_cli.training.run_folder import RunFolder, check_world_size, damaged
 from recu_cli.training.signals import StopOnSigint
 from recu_cli.training.state import TrainState, restore
+from recu_cli.training.step_metrics import StepMetrics
 from recu_cli.training.steps import validate
 from recu_cli.training.trackers import weights_digest
 

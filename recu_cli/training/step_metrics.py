@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recu_cli.distributed import DistInfo, agree, all_reduce_sum, gather_rows
+from recu_cli.training.distributed import DistInfo, agree, all_reduce_sum, gather_rows
 
 
 @dataclass(frozen=True)
