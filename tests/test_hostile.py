@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as serialize
 
+from recu_cli.errors import RecuError
 from tests.conftest import REPO, RESNET20_WEIGHTS, link_tree, require_shared
 from tests.test_analyze_info import make_packed
 from tests.test_cli_models import assert_one_line_error, run_cli
@@ -163,9 +164,9 @@ def test_a_fifo_in_a_resumed_run_folder_is_not_replaced(tmp_path, capsys):
     before = tree(tmp_path)
     from recu_cli.training.runlock import RunLock
 
-    with pytest.raises(Exception, match="named pipe") as e:
+    with pytest.raises(RecuError, match="named pipe") as e:
         RunLock(run).acquire()
-    assert getattr(e.value, "exit_code", None) == 2
+    assert e.value.exit_code == 2
     assert tree(tmp_path) == before
 
 
@@ -179,8 +180,11 @@ def test_a_fresh_run_never_writes_into_a_folder_that_is_not_a_recu_run(tmp_path,
     (runs / "locked").mkdir()  # a .lock beside a file a killed start never writes
     (runs / "locked" / ".lock").write_text("1\n")
     (runs / "locked" / "notes.txt").write_text("mine\n")
+    (runs / "piped").mkdir()  # a recu name, but not a regular file
+    (runs / "piped" / ".lock").write_text("1\n")
+    fifo(runs / "piped" / "train.log")
     before = tree(tmp_path)
-    for name, listed in (("mine", "summary.csv"), ("locked", "notes.txt")):
+    for name, listed in (("mine", "summary.csv"), ("locked", "notes.txt"), ("piped", "train.log")):
         args = binarize_args(Path("demo"), runs, name, "--max-steps", "2")
         code, _, err = run_cli(args, capsys)
         assert_one_line_error(
