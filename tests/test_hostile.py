@@ -338,8 +338,9 @@ def no_room(folder: Path, size: int):
     if ROOT and subprocess.run(mount, capture_output=True).returncode == 0:
         try:
             yield f"no space left on device tmpfs (tmpfs, mounted on {folder})"
-        finally:
-            subprocess.run(["umount", str(folder)], check=False)
+        finally:  # lazily if busy: a mount must never outlive the test
+            if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(folder)], check=False)
         return
     resource = pytest.importorskip("resource", reason="no tmpfs and no file size limit here")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
