@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from recu_cli.errors import RecuError
 from recu_cli.imagecheck import fail_on_bad
 from recu_cli.progress import make_progress
 
@@ -61,7 +63,10 @@ def evaluate(
             images, targets = batch
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            c1, c5, batch_loss, batch_n = batch_counts(model(images), targets)
+            logits = model(images)
+            c1, c5, batch_loss, batch_n = batch_counts(logits, targets)
+            if not math.isfinite(batch_loss):  # a read the counts pay anyway: no extra sync
+                raise not_finite(model, images, logits, i + 1)
             correct1, correct5 = correct1 + c1, correct5 + c5
             loss_sum += batch_loss
             n += batch_n
@@ -69,3 +74,49 @@ def evaluate(
     if n == 0:
         return EvalResult(0.0, 0.0, float("nan"), 0)
     return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, n)
+
+
+def not_finite(
+    model: nn.Module, images: torch.Tensor, logits: torch.Tensor, batch: int
+) -> RecuError:
+    """Why the loss of a batch is NaN or infinite, naming the first layer whose output
+    is not finite: a top-1 over such logits would be a silent 10%."""
+    if not bool(torch.isfinite(images).all()):
+        what = "the normalised input images hold NaN or infinite values"
+    elif not bool(torch.isfinite(logits).all()):
+        where = first_nonfinite_layer(model, images)
+        what = "the logits are NaN or infinite" + (f" (first in layer {where})" if where else "")
+    else:
+        what = (
+            f"the logits are finite but so large (max |logit| {float(logits.abs().max()):.3g}) "
+            "that the cross-entropy overflows"
+        )
+    return RecuError(
+        f"evaluation stopped at batch {batch}: {what}; the model's weights or normalisation "
+        "overflow float32 (a damaged checkpoint, or one from a diverged run): no accuracy "
+        "is reported for it"
+    )
+
+
+@torch.no_grad()
+def first_nonfinite_layer(model: nn.Module, images: torch.Tensor) -> str | None:
+    """Run the batch again with hooks: 'name (Type)' of the first module to finish with a
+    NaN or infinite output (children finish before their parents), or None."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(module: nn.Module, _inputs: object, out: object) -> None:
+            if found or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return
+            if not bool(torch.isfinite(out).all()):
+                found.append(f"'{name}' ({type(module).__name__})")
+
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None

@@ -10,6 +10,17 @@ from recu_cli.fields import FieldError, is_int, is_num
 
 SOURCES = ("timm", "torchvision")
 
+# Bounds a real model's spec has (every timm pretrained config: 3 channels, sides 106 to
+# 1024, mean 0 to 0.5, std 0.14 to 1, crop_pct 0.875 to 1.15; CIFAR 32, MNIST 28). A file
+# beyond them is crafted or damaged, and would drive memory or the maths off a cliff.
+CHANNELS = 3  # mean and std hold three values, and every registered stem takes RGB
+MIN_SIDE, MAX_SIDE = 8, 1024
+MEAN_RANGE = (-1.0, 2.0)  # images are in [0, 1] when they are normalised
+STD_RANGE = (0.01, 10.0)  # bounded away from 0: x / 1e-300 is inf
+CROP_PCT_RANGE = (0.5, 2.0)  # the eval resize is side / crop_pct
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+MAX_BATCH_PIXELS = 32 * MAX_SIDE * MAX_SIDE  # 32 images at the largest side: 400 MB of input
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -68,13 +79,34 @@ def _check(d: Any) -> None:
     if not is_int(d["num_classes"], 1, 10_000_000):
         raise _bad("num_classes is not a positive integer")
     size = d["input_size"]
-    if not (_triple(size) and all(is_int(s, 1, 16384) for s in size)):
+    if not (_triple(size) and all(is_int(s, 1, 1 << 30) for s in size)):
         raise _bad("input_size is not [channels, height, width]")
-    for key in ("mean", "std"):
+    if size[0] != CHANNELS:
+        raise _bad(f"input_size has {size[0]} channels; recu models take {CHANNELS} (RGB)")
+    if not all(MIN_SIDE <= s <= MAX_SIDE for s in size[1:]):
+        raise _bad(f"input_size {size[1]}x{size[2]} is outside {MIN_SIDE}..{MAX_SIDE} pixels")
+    for key, (lo, hi) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
         v = d[key]
         if not (_triple(v) and all(is_num(x) for x in v)):
             raise _bad(f"{key} is not three numbers")
-    if not all(x > 0 for x in d["std"]):
-        raise _bad("std must be positive")
-    if not isinstance(d["interpolation"], str) or not is_num(d["crop_pct"]) or d["crop_pct"] <= 0:
-        raise _bad("interpolation/crop_pct have the wrong type")
+        if not all(lo <= x <= hi for x in v):
+            raise _bad(f"{key} {list(v)} is outside {lo:g}..{hi:g} (images are in [0, 1])")
+    if d["interpolation"] not in INTERPOLATIONS:
+        raise _bad(f"interpolation is not one of {', '.join(INTERPOLATIONS)}")
+    lo, hi = CROP_PCT_RANGE
+    if not (is_num(d["crop_pct"]) and lo <= d["crop_pct"] <= hi):
+        raise _bad(f"crop_pct is not a number in {lo:g}..{hi:g}")
+
+
+def check_batch(n: int, input_size: tuple[int, ...] | list[int], flag: str) -> None:
+    """A batch of n images at this size fits MAX_BATCH_PIXELS (the input alone is
+    12 bytes a pixel; activations many times that)."""
+    from recu_cli.errors import RecuError
+
+    h, w = int(input_size[-2]), int(input_size[-1])
+    most = max(1, MAX_BATCH_PIXELS // (h * w))
+    if n > most:
+        raise RecuError(
+            f"{flag} {n} is too large at input size {h}x{w} ({n * 12 * h * w / 1e9:.1f} GB of "
+            f"input alone); use at most {most} images at this size"
+        )

@@ -44,9 +44,11 @@ def analyze(
     from recu_cli.report.analysis import analyze as run_analysis
 
     if plot is not None:
+        from recu_cli.atomic import check_target
         from recu_cli.report.plots import require_matplotlib
 
         require_matplotlib()
+        check_target(plot)
     result = run_analysis(file, compare)
     if plot is not None:
         from recu_cli.report.plots import plot_analysis

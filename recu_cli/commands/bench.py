@@ -12,6 +12,7 @@ from rich.table import Table
 from recu_cli.app import app, console, err_console, print_json
 from recu_cli.commands.options import FpLayers, Json, Quiet
 from recu_cli.errors import RecuError
+from recu_cli.spec import MAX_SIDE, MIN_SIDE, check_batch
 
 FAST_ENGINES = ("xnor", "int8")
 NOISY_LOAD = 0.5
@@ -155,6 +156,7 @@ def _bench_peers(
     else:
         chosen, status = _engines(engine)
     models = load_models(target, img_size)
+    check_batch(max(batches), models.spec.input_size, "--batch")
     show = not (quiet or json_out)
 
     def step(msg: str) -> None:
@@ -202,7 +204,12 @@ def bench(
     ] = "1,16",
     img_size: Annotated[
         int | None,
-        typer.Option("--img-size", min=8, help="Input height and width (default: the model's)."),
+        typer.Option(
+            "--img-size",
+            min=MIN_SIDE,
+            max=MAX_SIDE,
+            help="Input height and width (default: the model's).",
+        ),
     ] = None,
     min_time: Annotated[
         float,
@@ -280,6 +287,7 @@ def bench(
     input_size = tuple(spec.input_size)
     if img_size is not None:
         input_size = (input_size[0], img_size, img_size)
+    check_batch(max(batch_list), input_size, "--batch")
     show = not (quiet or json_out)
 
     def step(msg: str) -> None:

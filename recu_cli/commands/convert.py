@@ -90,6 +90,10 @@ def convert(
         raise RecuError(
             "nothing to do: pass --dry-run to see the report or -o FILE to write a packed file"
         )
+    if output is not None:
+        from recu_cli.atomic import check_target
+
+        check_target(output)  # before the work: a FIFO or a device is never replaced
     threshold = act_threshold or ("median" if data is not None else "zero")
     config = convert_config(
         keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau, threshold

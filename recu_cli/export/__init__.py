@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 
-from recu_cli.atomic import atomic_path
+from recu_cli.atomic import atomic_path, check_target
 from recu_cli.errors import RecuError
 
 FORMATS = ("onnx", "qonnx", "pt2")
 SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
+# what each format's file is (QONNX is ONNX): a suffix naming another kind is refused
+CONTAINER = {"onnx": "an ONNX model", "qonnx": "an ONNX model", "pt2": "a torch.export program"}
+SUFFIX_OF = {"onnx": ".onnx", "qonnx": ".onnx", "pt2": ".pt2"}
 # the Python modules each format needs (to write, and to run the check), with their PyPI names
 NEEDS = {
     "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime")),
@@ -73,6 +76,12 @@ def resolve_format(fmt: str | None, out: Path) -> str:
     key = fmt.lower()
     if key not in FORMATS:
         raise RecuError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    named = SUFFIXES.get(out.suffix.lower())
+    if named is not None and CONTAINER[named] != CONTAINER[key]:
+        raise RecuError(
+            f"--format {key} writes {CONTAINER[key]}, but {out.name!r} names {CONTAINER[named]}; "
+            f"name the output {out.with_suffix(SUFFIX_OF[key]).name} (or drop --format)"
+        )
     return key
 
 
@@ -98,6 +107,7 @@ def check_output(out: Path, src: Path) -> None:
         raise RecuError(f"output folder {parent} does not exist; create it first")
     if out.is_dir():
         raise RecuError(f"{out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
+    check_target(out)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise RecuError(f"{out} is the checkpoint being exported; choose another output name")
 
@@ -127,9 +137,11 @@ def export_file(
     check_output(out, src)
     check_extras(fmt)
     from recu_cli.pack import load, read_spec
+    from recu_cli.spec import check_batch
 
-    model = load(src)
     spec = read_spec(src)
+    check_batch(batch, spec.input_size, "--verify-batch")  # before anything is allocated
+    model = load(src)
     x, inputs = _batch(spec, data, batch, seed)
     with torch.no_grad():
         ref = model(x)

@@ -80,11 +80,21 @@ def check_against_recipe(packed: PackedFile, model: nn.Module) -> None:
             f"builds {len(names)}; the file was edited or damaged, write it again"
         )
     for entry, (name, m) in zip(packed.layers, layers, strict=True):
-        if list(entry["shape"]) != list(m.weight.shape):
-            raise RecuError(
-                f"{path}: layer '{name}' has shape {entry['shape']} in the metadata but the "
-                f"recipe builds {list(m.weight.shape)}; the file was edited or damaged"
-            )
+        built = {
+            "shape": list(m.weight.shape),
+            "stride": list(m.stride),
+            "padding": list(m.padding),
+            "dilation": list(m.dilation),
+            "groups": int(m.groups),
+            "bias": m.bias is not None,
+            "alpha_mode": m.alpha_mode,
+        }
+        for key, value in built.items():
+            if entry[key] != value:
+                raise RecuError(
+                    f"{path}: layer '{name}' has {key} {entry[key]} in the metadata but the "
+                    f"recipe builds {value}; the file was edited or damaged, write it again"
+                )
     want = expected_tensors(model, latent=packed.has_latent)
     have = packed.tensors
     missing = [k for k in want if k not in have]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from recu_cli import __version__
-from recu_cli.convert_config import ConvertConfig
+from recu_cli.convert_config import ALPHA_MODES, ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.fields import FieldError, is_int, is_num
 from recu_cli.pack import schema as s
@@ -57,9 +57,29 @@ def field(path: Path, meta: dict[str, str], key: str) -> Any:
     if text is None:
         raise damaged(path, f"metadata '{key}' is missing")
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (json.JSONDecodeError, RecursionError, TypeError, ValueError):
         raise damaged(path, f"metadata '{key}' is not valid JSON") from None
+    if not nested_within(value, MAX_DEPTH):
+        raise damaged(path, f"metadata '{key}' is nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+# recu writes at most 4 levels (training.config.convert.keep); every reader of a value
+# (info, analyze --json, the report) may recurse, and Python stops near 1000 levels
+MAX_DEPTH = 32
+
+
+def nested_within(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest at most `limit` deep (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return True
 
 
 def parse_spec(path: Path, d: Any, known: Callable[[str], bool] | None) -> ModelSpec:
@@ -118,6 +138,7 @@ def parse_layers(path: Path, d: Any, tensors: dict[str, TensorInfo]) -> list[dic
         seen.add(name)
         if not (is_num(e.get("tau")) and 0.0 <= e["tau"] <= 1.0):
             raise damaged(path, f"layer '{name[:80]}' has no valid tau")
+        _check_geometry(path, e, shape)
         bits = tensors.get(s.tensor_name(name, s.BITS))
         want = (shape[0], s.bytes_per_row(math.prod(shape[1:])))
         if bits is None:
@@ -129,6 +150,36 @@ def parse_layers(path: Path, d: Any, tensors: dict[str, TensorInfo]) -> list[dic
                 "or damaged, write it again"
             )
     return d
+
+
+# bounds of a binary conv's geometry (real ones: stride 1-2, dilation 1-4, padding <= 3)
+MAX_STRIDE = MAX_DILATION = 64
+MAX_PADDING = 1024
+
+
+def _check_geometry(path: Path, e: dict[str, Any], shape: list[int]) -> None:
+    """stride, padding, dilation, groups, bias, row sizes and alpha mode of one layer."""
+    per_row = math.prod(shape[1:])
+    groups = e.get("groups")
+    checks = (
+        ("stride", _pair(e.get("stride"), 1, MAX_STRIDE)),
+        ("padding", _pair(e.get("padding"), 0, MAX_PADDING)),
+        ("dilation", _pair(e.get("dilation"), 1, MAX_DILATION)),
+        ("groups", is_int(groups, 1, shape[0]) and shape[0] % groups == 0),
+        ("bias", isinstance(e.get("bias"), bool)),
+        ("bits_per_row", e.get("bits_per_row") == per_row and is_int(per_row, 1, 1 << 40)),
+        ("bytes_per_row", is_int(e.get("bytes_per_row"), 1, 1 << 40)
+         and e["bytes_per_row"] == s.bytes_per_row(per_row)),
+        ("alpha_mode", e.get("alpha_mode") in ALPHA_MODES),
+    )  # fmt: skip
+    for key, ok in checks:
+        if not ok:
+            value = json.dumps(e.get(key))[:40]
+            raise damaged(path, f"layer '{e['name'][:80]}' has an invalid {key} ({value})")
+
+
+def _pair(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(is_int(x, lo, hi) for x in v)
 
 
 def list_of_dicts(path: Path, d: Any, key: str, nullable: bool) -> list | None:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from recu_cli.atomic import atomic_path
 from recu_cli.errors import RecuError
 
 CORE = "#4c72b0"
@@ -58,7 +59,8 @@ def plot_analysis(result: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, bbox_inches="tight")
+        with atomic_path(out) as tmp:  # the temporary name hides the suffix: say the format
+            fig.savefig(tmp, format=out.suffix[1:].lower() or "png", bbox_inches="tight")
     except (OSError, ValueError) as e:
         raise RecuError(
             f"cannot write the plot {out} ({e}); use a .png/.pdf/.svg path in a writable folder"

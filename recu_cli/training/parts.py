@@ -112,6 +112,10 @@ def _loaders(
             f"the training set ({len(train_ds)} images) is smaller than one batch per "
             f"process; lower -b (now {cfg.batch_size})"
         )
+    # Each loader draws its workers' base seed from its own generator: from the global
+    # one, every iter() (one more after each resume) would shift the stream the training
+    # step draws from, and resume.pt's RNG would differ from the uninterrupted run's.
+    # SeededItems seeds each item itself, so the base seed does not change the data.
     train_loader = torch.utils.data.DataLoader(
         train_ds,
         batch_sampler=sampler,
@@ -120,12 +124,17 @@ def _loaders(
         persistent_workers=workers > 0,
         worker_init_fn=ignore_sigint,
         collate_fn=collate,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     val = data.val
     if info.enabled:
         val = torch.utils.data.Subset(val, list(range(info.rank, len(val), info.world_size)))
     val_loader = make_loader(
-        val, max(cfg.batch_size, 64), workers, pin_memory=device.type == "cuda"
+        val,
+        max(cfg.batch_size, 64),
+        workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + 1),
     )
     return sampler, train_loader, val_loader
 

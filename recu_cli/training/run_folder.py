@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from recu_cli.atomic import atomic_path, write_bytes
+from recu_cli.atomic import append_text, torch_save, write_bytes
 from recu_cli.console import echo_err
 from recu_cli.errors import RecuError
 from recu_cli.training.config import TrainConfig
@@ -39,6 +40,9 @@ SUMMARY_FIELDS = [
 ]  # fmt: skip
 # files a fresh run writes before its first resume point (removed when its start fails)
 START_FILES = ("config.json", "train.log", "summary.csv", LOCK_NAME)
+# what a start killed before its first resume point leaves (the lock is always first)
+LEFTOVERS = (LOCK_NAME, "config.json", "train.log")
+NAME_MAX = 255  # bytes in one folder name (Linux, macOS, Windows)
 
 
 class RunFolder:
@@ -59,11 +63,18 @@ class RunFolder:
 
     @classmethod
     def create(cls, cfg: TrainConfig, info: DistInfo, **kw: Any) -> tuple[RunFolder, bool]:
-        """The run folder of a new run, created here (True) or already there (False)."""
-        name = cfg.experiment or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.replace(':', '_')}"
+        """The run folder of a new run, created here (True) or already there (False):
+        absent, empty, or a recu run's (`claim_folder`)."""
+        if cfg.experiment is not None:
+            check_experiment_name(cfg.experiment)
+            name = cfg.experiment
+        else:
+            model = re.sub(r"[^\w.+-]", "_", cfg.model)  # tv:resnet18, hub names: one folder
+            name = f"{datetime.now():%Y%m%d-%H%M%S}-{model}"
         path = Path(cfg.output) / name
         created = False
         if info.is_main:
+            claim_folder(path)
             created = not path.exists()
             try:
                 path.mkdir(parents=True, exist_ok=True)
@@ -118,8 +129,7 @@ class RunFolder:
         if echo and not self.quiet:
             self.echo(msg)
         if self.lock is not None and self.lock.held:  # only the folder's owner writes
-            with open(self.path / "train.log", "a") as f:
-                f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
+            append_text(self.path / "train.log", f"{datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
 
     def log_start(self, resuming: bool) -> None:
         verb = "resume" if resuming else "start"
@@ -129,7 +139,12 @@ class RunFolder:
         )
 
     def log_end(self, e: BaseException) -> None:
-        """The last line of train.log says how the process ended."""
+        """The last line of train.log says how the process ended (when it can be written:
+        after a full disk the error being raised matters more than the line)."""
+        with contextlib.suppress(OSError, RecuError):
+            self._log_end(e)
+
+    def _log_end(self, e: BaseException) -> None:
         if isinstance(e, TrainingStopped) and e.exit_code == 130:
             self.log(f"interrupted: {e}", echo=False)
         elif isinstance(e, KeyboardInterrupt):
@@ -160,8 +175,7 @@ class RunFolder:
         """Called by every rank (gathering the ranks' loss sums is a collective)."""
         epoch_loss = state.metrics.state(self.info)
         if self.info.is_main:
-            with atomic_path(self.resume_path) as tmp:
-                torch.save(resume_state(parts, state, self.info, epoch_loss), tmp)
+            torch_save(resume_state(parts, state, self.info, epoch_loss), self.resume_path)
         state.clock.reset()
 
     def keep_epoch(
@@ -208,6 +222,58 @@ class RunFolder:
         """A packed checkpoint's path, or None when the run ended in stage 1."""
         path = self.path / f"{name}.safetensors"
         return str(path) if path.is_file() else None
+
+
+def check_experiment_name(name: str) -> None:
+    """--experiment names one folder inside --output: never a path that leaves it."""
+    why = None
+    if name in ("", ".", ".."):
+        why = "is empty" if not name else f"is '{name}'"
+    elif any(sep in name for sep in ("/", "\\", os.sep, os.altsep) if sep):
+        why = "holds a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "holds a control character"
+    elif name != name.strip():
+        why = "starts or ends with a space"
+    elif len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        why = f"is longer than {NAME_MAX} bytes"
+    if why is not None:
+        raise RecuError(
+            f"--experiment {name[:80]!r} {why}; it names one run folder inside --output: "
+            "give a plain folder name such as 'resnet20-paper' (and the parent folder with -o)"
+        )
+
+
+def claim_folder(path: Path) -> None:
+    """Refuse to start a run in a folder that is not recu's, before writing anything.
+
+    A fresh run takes a folder that is absent or empty, or one holding a recu run (its
+    `.lock`, created before any other file, and resume.pt: `open` then says "in use" or
+    "--resume"), or the leftovers of a start killed before its first resume point: its
+    `.lock` and nothing but regular files named config.json and train.log, and `*.tmp`.
+    Anything else belongs to someone else and is left as it is."""
+    try:
+        entries = list(path.iterdir())
+    except OSError:
+        return  # absent, or a file in the way: mkdir says which
+    names = {e.name for e in entries}
+    if not entries or {LOCK_NAME, "resume.pt"} <= names:
+        return
+    foreign = [e.name for e in entries if not _leftover(e)]
+    if LOCK_NAME in names and not foreign:
+        return
+    shown = sorted(foreign or names)
+    listed = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
+    raise RecuError(
+        f"{path} already exists and is not a recu run folder (it holds {listed}); "
+        "give another --experiment, or --resume a run folder recu wrote"
+    )
+
+
+def _leftover(entry: Path) -> bool:
+    """A regular file (not a link) that a killed start writes."""
+    is_file = entry.is_file() and not entry.is_symlink()
+    return is_file and (entry.name in LEFTOVERS or entry.name.endswith(".tmp"))
 
 
 def _fmt(v: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from recu_cli.atomic import NO_SPACE, check_target, no_space
 from recu_cli.errors import RecuError
 
 LOCK_NAME = ".lock"
@@ -31,8 +32,9 @@ class RunLock:
         except ImportError:  # Windows: no flock; runs are not protected there
             self._held = True
             return self
+        check_target(self.path)  # a FIFO or device named .lock is not ours to write
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
             raise RecuError(
                 f"cannot create {self.path} ({e.strerror}); pick a writable --output",
@@ -49,8 +51,14 @@ class RunLock:
                 "or give another --experiment name",
                 exit_code=1,
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in NO_SPACE:
+                raise no_space(self.path, e) from e
+            raise
         self._fd = fd
         self._held = True
         return self
