@@ -288,8 +288,10 @@ class JpegLoader:
             return
         from recu_cli.fastdata.prefetch import Prefetcher
 
-        self._current = Prefetcher(self.loader, self.assemble, self.assemble.device)
+        mine = self._current = Prefetcher(self.loader, self.assemble, self.assemble.device)
         try:
-            yield from self._current
-        finally:
-            self.close()
+            yield from mine
+        finally:  # closes its own thread only: a later epoch may have started another
+            mine.close()
+            if self._current is mine:
+                self._current = None
