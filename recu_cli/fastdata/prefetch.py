@@ -88,7 +88,7 @@ class Prefetcher:
     def __next__(self) -> Any:
         if self.done:
             raise StopIteration
-        got = self.queue.get()
+        got = self._get()
         if got is _END:
             self.done = True
             raise StopIteration
@@ -103,6 +103,15 @@ class Prefetcher:
                 if t.is_cuda:
                     t.record_stream(current)
         return out
+
+    def _get(self) -> Any:
+        """The next result; an error if the thread ended without leaving one."""
+        while True:
+            try:
+                return self.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    return _Failed(RuntimeError("the prefetch thread ended without a result"))
 
     def close(self) -> None:
         """Stop the thread (it ends after the batch it is making) and wait for it."""
