@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from recu_cli.fastdata.decode import Decoded
 from recu_cli.imagecheck import BadItem, Batch
@@ -64,24 +65,21 @@ def augment_table(seed: int, epoch: int, n: int, pad: int) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, pad: int) -> torch.Tensor:
-    """uint8 crops of images[idx] (zero padding `pad`) at rows[:, 0:2], mirrored where
-    rows[:, 2] is 1: one gather, the padding read as zeros."""
+    """uint8 crops of images[idx] zero-padded by `pad`, at offsets rows[:, 0:2] of the
+    padded image, mirrored where rows[:, 2] is 1 (RandomCrop, then RandomHorizontalFlip).
+
+    The padded batch viewed as all its crop windows [B, C, 2p+1, 2p+1, H, W] (a strided
+    view, no copy); one indexing op picks each image's window."""
     _, c, h, w = images.shape
-    dev = images.device
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    ys = rows[:, 0:1] + ar_h - pad  # [B, H] rows of the unpadded image
-    cols = torch.where(rows[:, 2:3].bool(), (w - 1) - ar_w, ar_w)  # flipped after the crop
-    xs = rows[:, 1:2] + cols - pad  # [B, W]
-    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
-    ys, xs = ys.clamp(0, h - 1), xs.clamp(0, w - 1)
-    out = images[
-        idx[:, None, None, None],
-        torch.arange(c, device=dev)[None, :, None, None],
-        ys[:, None, :, None],
-        xs[:, None, None, :],
-    ]
-    return out * inside[:, None].to(out.dtype)
+    b = idx.shape[0]
+    padded = F.pad(images.index_select(0, idx), (pad, pad, pad, pad))
+    hp, wp = h + 2 * pad, w + 2 * pad
+    windows = padded.as_strided(
+        (b, c, 2 * pad + 1, 2 * pad + 1, h, w), (c * hp * wp, hp * wp, wp, 1, wp, 1)
+    )
+    out = windows[torch.arange(b, device=images.device), :, rows[:, 0], rows[:, 1]]
+    flip = rows[:, 2].bool()[:, None, None, None]
+    return torch.where(flip, out.flip(3), out)
 
 
 class ResidentTrainLoader:

@@ -92,7 +92,7 @@ def build_parts(
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    sampler, train_loader, val_loader, data_path = _loaders(cfg, info, device, data, spec, log)
+    sampler, train_loader, val_loader, data_path = build_loaders(cfg, info, device, data, spec, log)
     log(data_path.line)
     optimizer = build_optimizer(model, cfg)
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
@@ -103,7 +103,7 @@ def build_parts(
     )  # fmt: skip
 
 
-def _loaders(
+def build_loaders(
     cfg: TrainConfig, info: DistInfo, device: torch.device, data: DataBundle, spec: ModelSpec,
     log: Log,
 ) -> tuple[EpochBatchSampler, Any, Any, DataPathChoice]:  # fmt: skip
