@@ -275,6 +275,17 @@ def test_auto_takes_the_resident_path_only_where_it_applies(tree, monkeypatch) -
     assert pick("pil", build_data(str(tree), SMALL), SMALL).choice.why == "--data-path pil"
 
 
+def test_images_of_other_sizes_keep_the_pil_path(tmp_path) -> None:
+    """A 40x32 image resized to shorter side 32 is 32x40: no single tensor holds the set."""
+    data_dir = link_tree(tmp_path / "data", {"train": 1, "val": 1})
+    Image.new("RGB", (40, 32), (10, 200, 30)).save(data_dir / "train" / "cat" / "wide.jpg")
+    data = build_data(str(data_dir), SMALL)
+    auto = pick("auto", data, SMALL)
+    assert auto.choice.path == "pil" and "different sizes" in auto.choice.why
+    with pytest.raises(RecuError, match="--data-path resident: images decode to"):
+        pick("resident", data, SMALL)
+
+
 # ---------------------------------------------------------------- the GPU path, on the CPU
 
 

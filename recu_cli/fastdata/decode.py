@@ -39,8 +39,17 @@ class Decoded:
         return BadItem(path, why)
 
 
-def _as_list(items: list) -> list:
-    return items
+def _collate(items: list) -> tuple:
+    """A batch as one tensor (one shared-memory block, not one per image, crosses from a
+    worker), the labels and positions of its readable images, its unreadable ones, and the
+    shapes met (more than one: the caller stops)."""
+    good = [(k, it) for k, it in enumerate(items) if not isinstance(it, BadItem)]
+    bad = [(k, it.path, it.reason) for k, it in enumerate(items) if isinstance(it, BadItem)]
+    shapes = sorted({tuple(it[0].shape) for _, it in good})
+    if len(shapes) != 1:
+        return None, [], bad, shapes
+    images = torch.stack([it[0] for _, it in good])
+    return images, [(k, int(it[1])) for k, it in good], bad, shapes
 
 
 def targets_of(ds: Dataset) -> list[int] | None:
@@ -61,24 +70,19 @@ def decode(ds: Dataset, prefix: tuple, shape: tuple[int, int, int], workers: int
     targets = torch.full((n,), -1, dtype=torch.long)
     known = targets_of(ds)
     bad: dict[int, tuple[str, str]] = {}
-    loader = DataLoader(
-        view, batch_size=256, num_workers=workers, collate_fn=_as_list, shuffle=False
-    )
-    i = 0
-    for items in loader:
-        for item in items:
-            if isinstance(item, BadItem):
-                bad[i] = (item.path, item.reason)
-                if known is not None:
-                    targets[i] = known[i]
-            else:
-                image, target = item
-                if tuple(image.shape) != shape:
-                    raise ShapeMismatch(
-                        f"image {i} decodes to {tuple(image.shape)}, not {shape}: images of "
-                        "different sizes"
-                    )
-                images[i] = image
-                targets[i] = int(target)
-            i += 1
+    batch = 256
+    loader = DataLoader(view, batch_size=batch, num_workers=workers, collate_fn=_collate)
+    for b, (stacked, labels, unreadable, shapes) in enumerate(loader):
+        base = b * batch
+        for k, path, why in unreadable:
+            bad[base + k] = (path, why)
+            if known is not None:
+                targets[base + k] = known[base + k]
+        if shapes and shapes != [shape]:
+            other = next(s for s in shapes if s != shape)
+            raise ShapeMismatch(f"images decode to {other}, not {shape}: images of different sizes")
+        if stacked is not None:
+            pos = torch.tensor([base + k for k, _ in labels], dtype=torch.long)
+            images[pos] = stacked
+            targets[pos] = torch.tensor([t for _, t in labels], dtype=torch.long)
     return Decoded(images, targets, bad)
