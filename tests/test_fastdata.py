@@ -354,11 +354,16 @@ def test_color_jitter_is_torchvisions_per_image() -> None:
 
 
 def test_gpu_path_names_unreadable_images(tmp_path) -> None:
+    """Found by the workers (empty, not an image, truncated) or by the decoder (a JPEG
+    whose scan is garbage: the batched decode fails, then that image alone): BadItems."""
     data_dir = link_tree(tmp_path / "data", {"train": 1, "val": 1})
     files = bad_tree(data_dir, "train")
+    good = Path(sorted(Path(data_dir / "train" / "dog").iterdir())[0]).read_bytes()
+    corrupt = data_dir / "train" / "dog" / "zz_corrupt.jpg"
+    corrupt.write_bytes(good[:300] + bytes(range(256)) * 2 + b"\xff\xd9")
     data = build_data(str(data_dir), LARGE)
     plan = jpeg_train_plan(data.train.transform)
-    items = JpegFiles(data.train.samples, plan, gpu_decode=True)
+    items = SeededItems(JpegFiles(data.train.samples, plan, gpu_decode=True), 0)
     got = [items[i] for i in range(len(items))]
     bad = {Path(it.path).name: it.reason for it in got if isinstance(it, BadItem)}
     assert bad == {
@@ -367,12 +372,11 @@ def test_gpu_path_names_unreadable_images(tmp_path) -> None:
         "zz_truncated.jpg": "truncated image",
     }
     assert all(it.jpeg for it in got if not isinstance(it, BadItem))  # whole JPEGs: bytes
-    raw = collate_raw([SeededItems(JpegFiles(data.train.samples, plan, False), 0)[i]
-                       for i in range(len(items))])  # fmt: skip
-    batch = Assembler(plan, CPU, Decoder(CPU))(raw)
-    assert batch[0].shape == (10, 3, 224, 224) and sorted(b.path for b in batch.bad) == sorted(
-        str(p) for p in files.values()
-    )
+    batch = Assembler(plan, CPU, Decoder(CPU))(collate_raw(got))  # decode_jpeg on the CPU
+    assert batch[0].shape == (10, 3, 224, 224) and batch[1].shape == (10,)
+    named = {b.path: b.reason for b in batch.bad}
+    assert sorted(named) == sorted(str(p) for p in [*files.values(), corrupt])
+    assert named[str(corrupt)].startswith("OSError")
 
 
 def test_prefetcher_keeps_order_hands_on_errors_and_stops() -> None:

@@ -47,20 +47,33 @@ class RawItem:
 
 
 class RawBatch:
-    """A batch of RawItems (collated) and the unreadable images found in the workers."""
+    """A batch of RawItems as it crosses from a worker: every payload in one uint8 tensor
+    (one shared-memory block per batch, not one per image), and the unreadable images."""
 
     def __init__(self, items: list[RawItem], bad: list[BadItem]) -> None:
-        self.payloads = [it.payload for it in items]
+        flat = [it.payload.reshape(-1) for it in items]
+        self.blob = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.uint8)
+        self.offsets = [0]
+        for f in flat:
+            self.offsets.append(self.offsets[-1] + f.numel())
+        self.shapes = [tuple(it.payload.shape) for it in items]
         self.jpeg = [it.jpeg for it in items]
         self.paths = [it.path for it in items]
         self.targets = torch.tensor([it.target for it in items], dtype=torch.long)
         self.params = torch.stack([it.params for it in items]) if items else torch.zeros(0, 16)
         self.bad = list(bad)
 
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def payload(self, i: int) -> torch.Tensor:
+        """JPEG bytes (1-D) or pixels [3, H, W] of image i: a view into the batch's block."""
+        return self.blob[self.offsets[i] : self.offsets[i + 1]].view(self.shapes[i])
+
     def pin_memory(self) -> RawBatch:
         """Pixels cross to the GPU asynchronously from pinned memory (bytes go to nvJPEG)."""
-        pairs = zip(self.payloads, self.jpeg, strict=True)
-        self.payloads = [p if jpeg else p.pin_memory() for p, jpeg in pairs]
+        if not all(self.jpeg):
+            self.blob = self.blob.pin_memory()
         return self
 
 
@@ -138,22 +151,22 @@ class Decoder:
     def decode(self, raw: RawBatch) -> tuple[list[torch.Tensor | None], list[BadItem]]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        out: list[torch.Tensor | None] = [None] * len(raw.payloads)
+        out: list[torch.Tensor | None] = [None] * len(raw)
         bad: list[BadItem] = []
         ids = [i for i, j in enumerate(raw.jpeg) if j]
         if ids:
             try:
                 images = decode_jpeg(
-                    [raw.payloads[i] for i in ids], mode=ImageReadMode.RGB, device=self.device
+                    [raw.payload(i) for i in ids], mode=ImageReadMode.RGB, device=self.device
                 )
                 for i, im in zip(ids, images, strict=True):
                     out[i] = im
             except Exception:  # noqa: BLE001 - one bad file fails the whole batch: one by one
                 for i in ids:
-                    out[i] = self._one(raw.payloads[i], raw.paths[i], bad)
+                    out[i] = self._one(raw.payload(i), raw.paths[i], bad)
         for i, j in enumerate(raw.jpeg):
             if not j:
-                out[i] = raw.payloads[i].to(self.device, non_blocking=True)
+                out[i] = raw.payload(i).to(self.device, non_blocking=True)
         return out, bad
 
     def _one(self, data: torch.Tensor, path: str, bad: list[BadItem]) -> torch.Tensor | None:
