@@ -417,3 +417,21 @@ def test_gpu_path_loader_in_a_thread_equals_in_line(tree) -> None:
     it = iter(threaded)  # abandoned after one batch, as an epoch cut short by --max-steps
     next(it)
     assert len(list(threaded)) == 3 and threaded._current is None
+
+
+def test_runs_from_before_data_paths_resume_on_pil(tmp_path) -> None:
+    """A run folder whose config.json predates --data-path trained on PIL workers: its
+    resume stays there (auto would pick another path and another augmentation)."""
+    import json
+
+    from recu_cli.training.config import TrainConfig
+    from recu_cli.training.run_folder import load_run_config
+
+    (tmp_path / "resume.pt").write_bytes(b"")
+    settings = TrainConfig(model="resnet20", data="demo").to_dict()
+    del settings["data_path"]
+    (tmp_path / "config.json").write_text(json.dumps({"train": settings}))
+    assert load_run_config(tmp_path).data_path == "pil"
+    settings["data_path"] = "resident"
+    (tmp_path / "config.json").write_text(json.dumps({"train": settings}))
+    assert load_run_config(tmp_path).data_path == "resident"

@@ -225,12 +225,12 @@ def bad_tree(root: Path, split: str) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("path", ["pil", "resident"])
-def test_bad_training_images_are_skipped_by_name_even_with_workers(tmp_path, weights, path):
+@pytest.mark.parametrize("data_path", ["pil", "resident"])
+def test_bad_training_images_are_skipped_by_name_even_with_workers(tmp_path, weights, data_path):
     data = link_tree(tmp_path / "data", {"train": 3, "val": 2})
     files = bad_tree(data, "train")  # 33 images: 3 batches of 11 see every one
     proc = cli(*train_args(data, tmp_path, "run", "--epochs", "1", "-b", "11", "-j", "2",
-                           "--data-path", path))  # fmt: skip
+                           "--data-path", data_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: skipped")]
@@ -244,8 +244,8 @@ def test_bad_training_images_are_skipped_by_name_even_with_workers(tmp_path, wei
     log = (tmp_path / "run" / "train.log").read_text()
     assert all(str(p) in log for p in files.values())
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train"]["data_path"] == config["data_path"]["path"] == path
-    assert f"data: {path}:" in proc.stderr
+    assert config["train"]["data_path"] == config["data_path"]["path"] == data_path
+    assert f"data: {data_path}:" in proc.stderr
 
 
 def test_strict_data_stops_at_the_first_bad_image_with_one_line(tmp_path, weights):

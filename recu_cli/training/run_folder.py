@@ -240,7 +240,9 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         )
     try:
         payload = json.loads(path.read_text())
-        return TrainConfig.from_dict(payload["train"])
+        # runs from before --data-path trained on PIL workers: they continue there exactly
+        settings = {"data_path": "pil", **payload["train"]}
+        return TrainConfig.from_dict(settings)
     except (ValueError, KeyError, TypeError) as e:
         raise RecuError(f"{path} is damaged ({e}); start a new run") from e
 
