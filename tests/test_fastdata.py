@@ -266,7 +266,7 @@ def test_auto_takes_the_resident_path_only_where_it_applies(tree, monkeypatch) -
     assert "80 + 20 validation images" in small.choice.line
     large = pick("auto", build_data(str(tree), LARGE), LARGE)
     assert large.choice.path == "pil" and large.train is None
-    assert "224 px inputs" in large.choice.why and "large inputs on the CPU" in large.choice.why
+    assert "224 px inputs" in large.choice.why and "gpu-decode is for CUDA" in large.choice.why
     with pytest.raises(RecuError, match="--data-path resident: 224 px inputs"):
         pick("resident", build_data(str(tree), LARGE), LARGE)
     monkeypatch.setattr(choice_mod, "resident_budget", lambda device: 1000)

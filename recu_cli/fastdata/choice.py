@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from recu_cli.data import SMALL_INPUT
 from recu_cli.errors import RecuError
 from recu_cli.fastdata import cache
 from recu_cli.fastdata.decode import Decoded, ShapeMismatch, decode
@@ -33,7 +34,6 @@ from recu_cli.fastdata.plans import (
 
 Log = Callable[..., None]
 MAKE_LOADER = Callable[[Dataset, Callable], Any]  # (dataset, collate_fn) -> DataLoader
-SMALL_INPUT = 64  # data.SMALL_INPUT: the crop-and-flip transform
 
 
 class NotHere(Exception):
@@ -105,7 +105,7 @@ def choose(
                 raise RecuError(f"--data-path gpu-decode: {e}; use --data-path auto or pil") from e
             reasons.append(f"no GPU decoding: {e}")
     elif requested == "auto":
-        reasons.append("large inputs on the CPU")
+        reasons.append("gpu-decode is for CUDA devices")
     return FastLoaders(_pil_choice("; ".join(reasons), workers))
 
 
