@@ -1,5 +1,8 @@
-"""The data paths of issue 25 on a GPU, in one run: each part in its own process with a hard
-timeout, printed as it finishes, all of it in OUT/gpu_data.json.
+"""Issue 25's data paths on a GPU, measured in one run (parts a, b, c below).
+
+Each part runs in its own process with a hard timeout and is printed as it finishes; all
+of it goes to OUT/gpu_data.json (OUT holds JSON only; runs, the decoded-data cache and the
+JPEG tree go to --work, a temp dir by default).
 
   a  cifar:   `recu binarize resnet20 --weights W --data CIFAR --epochs 6` (the default
               recipe, --data-path auto, a fresh decoded-data cache): the wall time of the 6
@@ -32,6 +35,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,18 +48,18 @@ TIMEOUTS = {"a": 300, "b": 240, "c": 240}
 # ---------------------------------------------------------------- helpers
 
 
-def recu_env(out: Path) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RECU_CACHE": str(out / "cache")}
+def recu_env(work: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RECU_CACHE": str(work / "cache")}
     env.setdefault("OMP_NUM_THREADS", "4")
     return env
 
 
-def run_logged(args: list[str], out: Path, timeout: float) -> tuple[int, list[tuple[float, str]]]:
+def run_logged(args: list[str], work: Path, timeout: float) -> tuple[int, list[tuple[float, str]]]:
     """Run `python -m recu_cli ARGS`; (exit code, [(seconds since start, stderr line)])."""
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "recu_cli", *args], stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL, text=True, env=recu_env(out), cwd=REPO,
+        stdout=subprocess.DEVNULL, text=True, env=recu_env(work), cwd=REPO,
     )  # fmt: skip
     lines: list[tuple[float, str]] = []
 
@@ -93,7 +97,7 @@ def failure(code: int, lines: list[tuple[float, str]]) -> dict[str, Any]:
 
 
 def part_a(a: argparse.Namespace) -> dict[str, Any]:
-    runs = a.out / "runs"
+    runs = a.runs
     args = [
         "binarize", "resnet20", "--weights", str(a.weights), "--data", str(a.cifar),
         "--epochs", "6", "-o", str(runs), "--experiment", "cifar-6ep",
@@ -102,7 +106,7 @@ def part_a(a: argparse.Namespace) -> dict[str, Any]:
         args = [*args[:6], "--epochs", "1", "--max-steps", "2", "-b", "16", "-o", str(runs),
                 "--experiment", "cifar-dry", "-j", "0", "--no-step0-eval"]  # fmt: skip
     args += ["--device", a.device] if a.device else []
-    code, lines = run_logged(args, a.out, TIMEOUTS["a"])
+    code, lines = run_logged(args, a.work, TIMEOUTS["a"])
     if code != 0:
         return failure(code, lines)
     t_start = next((t for t, text in lines if text.startswith("step 0:")), 0.0)
@@ -119,6 +123,7 @@ def part_a(a: argparse.Namespace) -> dict[str, Any]:
         "epoch_img_per_s": [float(r["img_per_s"]) for r in rows],
         "val_top1": [float(r["val_top1"]) for r in rows],
         "skipped_images": [int(r["skipped_images"]) for r in rows],
+        "log_tail": [text for _, text in lines[-12:]],
     }
 
 
@@ -154,9 +159,9 @@ def jpeg_sizes(a: argparse.Namespace) -> tuple[int, int]:
 def part_b(a: argparse.Namespace) -> dict[str, Any]:
     train, val = jpeg_sizes(a)
     start = time.monotonic()
-    tree = jpeg_tree(a.out / "jpeg", train, val, 2 if a.dry_run else 10)
+    tree = jpeg_tree(a.work / "jpeg", train, val, 2 if a.dry_run else 10)
     made_s = time.monotonic() - start
-    runs = a.out / "runs"
+    runs = a.runs
     args = ["binarize", "resnet18", "--data", str(tree), "-o", str(runs), "--experiment",
             "jpeg-r18", "--recipe", "paper", "--no-step0-eval", "--log-interval", "0"]  # fmt: skip
     if a.dry_run:
@@ -165,7 +170,7 @@ def part_b(a: argparse.Namespace) -> dict[str, Any]:
     else:
         args += ["--amp", "--channels-last", "-b", "128", "--epochs", str(a.jpeg_epochs)]
     args += ["--device", a.device] if a.device else []
-    code, lines = run_logged(args, a.out, TIMEOUTS["b"] - made_s)
+    code, lines = run_logged(args, a.work, TIMEOUTS["b"] - made_s)
     if code != 0:
         return {**failure(code, lines), "tree_seconds": made_s}
     rows = summary(runs / "jpeg-r18")
@@ -178,6 +183,7 @@ def part_b(a: argparse.Namespace) -> dict[str, Any]:
         "epoch_img_per_s": rates,
         "best_img_per_s": max(rates) if rates else None,
         "epoch_seconds": [float(r["seconds"]) for r in rows],
+        "log_tail": [text for _, text in lines[-12:]],
     }
 
 
@@ -274,7 +280,7 @@ def part_c(a: argparse.Namespace) -> dict[str, Any]:
     if a.cifar:
         jobs += [("resnet20", str(a.cifar), p) for p in ("pil-main", "pil", "resident")]
     if not a.cifar_only:
-        tree = jpeg_tree(a.out / "jpeg", *jpeg_sizes(a), 2 if a.dry_run else 10)
+        tree = jpeg_tree(a.work / "jpeg", *jpeg_sizes(a), 2 if a.dry_run else 10)
         jobs += [("resnet18", str(tree), p) for p in ("pil", "gpu-decode")]
     for model, data, path in jobs:
         try:
@@ -355,12 +361,27 @@ def main() -> None:
     p.add_argument("--loader-seconds", type=float, default=6.0)
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: recu's)")
     p.add_argument("--cifar-only", action="store_true", help="part c: CIFAR loaders only")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch: runs, decoded-data cache, JPEG tree (default: a temp dir)",
+    )
+    p.add_argument("--runs", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", choices=sorted(PARTS), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.dry_run:
         a.device = "cpu"
     a.out = a.out.resolve()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.work is None:  # OUT keeps the JSON only (a GPU machine's OUT travels back)
+        a.work = Path(tempfile.mkdtemp(prefix="recu-gpu-data-"))
+        sys.argv += ["--work", str(a.work)]
+    a.work = a.work.resolve()
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.runs is None:  # this invocation's run folders (the JPEG tree and cache are reused)
+        a.runs = a.work / f"runs-{os.getpid()}"
+        sys.argv += ["--runs", str(a.runs)]
     if a.child:
         child(a)
         return
@@ -374,7 +395,7 @@ def main() -> None:
         argv = [sys.executable, __file__, *sys.argv[1:], "--child", name]
         try:
             proc = subprocess.run(argv, timeout=TIMEOUTS[name] + 30, capture_output=True,
-                                  text=True, env=recu_env(a.out), cwd=REPO)  # fmt: skip
+                                  text=True, env=recu_env(a.work), cwd=REPO)  # fmt: skip
             sys.stdout.write(proc.stdout)
             path = a.out / f"part-{name}.json"
             if proc.returncode == 0 and path.is_file():

@@ -17,7 +17,7 @@ def test_dry_run_runs_every_part_and_writes_its_numbers(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_data.py"), str(out), "--cifar", str(cifar),
-         "--weights", str(RESNET20_WEIGHTS), "--dry-run"],
+         "--weights", str(RESNET20_WEIGHTS), "--dry-run", "--work", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=900, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -35,3 +35,6 @@ def test_dry_run_runs_every_part_and_writes_its_numbers(tmp_path: Path) -> None:
     assert rows[("resnet18", "gpu-decode")]["path"] == "gpu-decode"
     assert rows[("resnet20", "resident")]["path"] == "resident"
     assert "| c: loader resnet20 resident |" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_data.json", "part-a.json", "part-b.json", "part-c.json",
+    ]  # fmt: skip
