@@ -103,7 +103,7 @@ def part_a(a: argparse.Namespace) -> dict[str, Any]:
         "--epochs", "6", "-o", str(runs), "--experiment", "cifar-6ep",
     ]  # fmt: skip
     if a.dry_run:
-        args = [*args[:6], "--epochs", "1", "--max-steps", "2", "-b", "16", "-o", str(runs),
+        args = [*args[:6], "--epochs", "1", "--max-steps", "1", "-b", "16", "-o", str(runs),
                 "--experiment", "cifar-dry", "-j", "0", "--no-step0-eval"]  # fmt: skip
     args += ["--device", a.device] if a.device else []
     code, lines = run_logged(args, a.work, TIMEOUTS["a"])
@@ -165,7 +165,7 @@ def part_b(a: argparse.Namespace) -> dict[str, Any]:
     args = ["binarize", "resnet18", "--data", str(tree), "-o", str(runs), "--experiment",
             "jpeg-r18", "--recipe", "paper", "--no-step0-eval", "--log-interval", "0"]  # fmt: skip
     if a.dry_run:
-        args += ["-b", "4", "--epochs", "1", "--max-steps", "2", "-j", "1",
+        args += ["-b", "4", "--epochs", "1", "--max-steps", "1", "-j", "1",
                  "--data-path", "gpu-decode"]  # fmt: skip
     else:
         args += ["--amp", "--channels-last", "-b", "128", "--epochs", str(a.jpeg_epochs)]
@@ -274,7 +274,7 @@ def part_c(a: argparse.Namespace) -> dict[str, Any]:
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     seconds, max_batches = (0.5, 2) if a.dry_run else (a.loader_seconds, 10_000)
-    workers = 1 if a.dry_run else a.workers
+    workers = 0 if a.dry_run else a.workers
     rows = []
     jobs = []
     if a.cifar:
