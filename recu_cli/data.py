@@ -10,6 +10,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -157,6 +158,7 @@ def make_loader(
     drop_last: bool = False,
     generator: torch.Generator | None = None,
     pin_memory: bool | None = None,
+    collate_fn: Any = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader whose batches carry the unreadable images they dropped (imagecheck);
     pin_memory only when the batches go to a GPU (default: when one is present)."""
@@ -172,7 +174,7 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=workers > 0,
         generator=generator,
-        collate_fn=collate,
+        collate_fn=collate if collate_fn is None else collate_fn,
     )
 
 

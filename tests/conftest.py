@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# decoded-data caches of the test trees (recu_cli/fastdata/cache.py) stay out of ~/.cache;
+# set here, at import, so that the CLI's child processes inherit it
+os.environ.setdefault("RECU_CACHE", tempfile.mkdtemp(prefix="recu-test-cache-"))
 SHARED_DATA = Path(os.environ.get("RECU_SHARED_DATA", REPO.parent / "shared" / "data"))
 CIFAR = SHARED_DATA / "cifar10"
 RESNET20_WEIGHTS = SHARED_DATA / "weights" / "resnet20-12fca82f.th"

@@ -83,10 +83,15 @@ def test_short_run_writes_every_output(capsys, small_cifar, resnet20_weights, tm
 def test_interrupted_run_resumes_bit_identically(
     capsys, small_cifar, resnet20_weights, tmp_path
 ) -> None:
-    code, _, _ = run_cli(binarize_args(small_cifar, tmp_path, resnet20_weights, "straight"), capsys)
+    # the PIL path: its loader workers must not change the result (the resident path is
+    # resumed in test_trust.py)
+    pil = ("--data-path", "pil")
+    code, _, _ = run_cli(
+        binarize_args(small_cifar, tmp_path, resnet20_weights, "straight", *pil), capsys
+    )
     assert code == 0
     # the same run, interrupted by a real SIGINT in its first epoch, then resumed
-    args = binarize_args(small_cifar, tmp_path, resnet20_weights, "broken", "-j", "1")
+    args = binarize_args(small_cifar, tmp_path, resnet20_weights, "broken", "-j", "1", *pil)
     proc = subprocess.Popen(
         [sys.executable, "-m", "recu_cli", *args],
         stderr=subprocess.PIPE,

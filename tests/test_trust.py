@@ -225,10 +225,12 @@ def bad_tree(root: Path, split: str) -> dict[str, Path]:
     return files
 
 
-def test_bad_training_images_are_skipped_by_name_even_with_workers(tmp_path, weights):
+@pytest.mark.parametrize("data_path", ["pil", "resident"])
+def test_bad_training_images_are_skipped_by_name_even_with_workers(tmp_path, weights, data_path):
     data = link_tree(tmp_path / "data", {"train": 3, "val": 2})
     files = bad_tree(data, "train")  # 33 images: 3 batches of 11 see every one
-    proc = cli(*train_args(data, tmp_path, "run", "--epochs", "1", "-b", "11", "-j", "2"))
+    proc = cli(*train_args(data, tmp_path, "run", "--epochs", "1", "-b", "11", "-j", "2",
+                           "--data-path", data_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: skipped")]
@@ -241,12 +243,16 @@ def test_bad_training_images_are_skipped_by_name_even_with_workers(tmp_path, wei
     assert "3 unreadable training images skipped" in proc.stdout
     log = (tmp_path / "run" / "train.log").read_text()
     assert all(str(p) in log for p in files.values())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["data_path"] == config["data_path"]["path"] == data_path
+    assert f"data: {data_path}:" in proc.stderr
 
 
 def test_strict_data_stops_at_the_first_bad_image_with_one_line(tmp_path, weights):
     data = link_tree(tmp_path / "data", {"train": 4, "val": 2})
     files = bad_tree(data, "train")
-    proc = cli(*train_args(data, tmp_path, "run", "--epochs", "1", "-j", "2", "--strict-data"))
+    proc = cli(*train_args(data, tmp_path, "run", "--epochs", "1", "-j", "2", "--strict-data",
+                           "--data-path", "resident"))  # fmt: skip
     assert proc.returncode == 1
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -273,12 +279,15 @@ def test_bad_validation_image_stops_before_training(tmp_path, weights):
 
 
 def test_kill_inside_epoch_one_resumes_to_the_bit(tiny, weights, tmp_path):
-    straight = cli(*train_args(tiny, tmp_path, "straight", "--epochs", "1", "-j", "0", "-q"))
+    # on the resident path (the PIL path is resumed in test_train.py)
+    resident = ("--data-path", "resident")
+    straight = cli(*train_args(tiny, tmp_path, "straight", "--epochs", "1", "-j", "0", "-q",
+                               *resident))  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-2000:]
     straight_dir = tmp_path / "straight"
     # the same run, killed (no chance to save anything) inside epoch 1 after a resume
     # point written every 2 steps
-    args = train_args(tiny, tmp_path, "killed", "--epochs", "1", "-j", "0")
+    args = train_args(tiny, tmp_path, "killed", "--epochs", "1", "-j", "0", *resident)
     proc = popen(*args, "--checkpoint-interval", "2")
     wait_for(proc, "epoch 1 step 3/")
     proc.send_signal(signal.SIGKILL)

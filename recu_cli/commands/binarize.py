@@ -202,6 +202,17 @@ def binarize(
             "--channels-last", help="NHWC memory layout, student and teacher (faster on GPUs)."
         ),
     ] = False,
+    data_path: Annotated[
+        str,
+        typer.Option(
+            "--data-path",
+            help="Where images are decoded and augmented: auto (default: resident when the "
+            "decoded set of a small-input model fits, gpu-decode for image trees on CUDA, "
+            "else pil), resident (decoded once, cached, kept as uint8 on the training "
+            "device), gpu-decode (JPEGs decoded on the GPU; on the CPU by the workers), or pil "
+            "(PIL in loader workers). Recorded in config.json; --resume keeps it.",
+        ),
+    ] = "auto",
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after N optimizer steps.")
     ] = None,

@@ -15,6 +15,7 @@ from typing import Any
 from recu_cli.binarize.tau import TAU_MAX, TAU_MIN
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
+from recu_cli.fastdata import DATA_PATHS
 from recu_cli.training.resumeclock import DEFAULT_INTERVAL, parse_interval
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -49,6 +50,7 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = "auto"  # resolved when a run starts (devices.default_amp_dtype)
     channels_last: bool = False
+    data_path: str = "auto"  # resolved when a run starts (fastdata/choice.py)
     max_steps: int | None = None
     seed: int = 42
     workers: int | None = None  # None: devices.default_workers
@@ -94,6 +96,10 @@ class TrainConfig:
             raise RecuError(f"--lr must be a positive number, got {self.lr}")
         if self.amp_dtype not in ("auto", "bf16", "fp16"):
             raise RecuError("--amp-dtype must be auto, bf16 or fp16")
+        if self.data_path not in DATA_PATHS:
+            raise RecuError(
+                f"--data-path must be one of {', '.join(DATA_PATHS)}, got '{self.data_path}'"
+            )
         if not 0.0 <= self.kd_weight <= 1.0:
             raise RecuError("--kd-weight must be in [0, 1]")
         if not 0 <= self.stage1_epochs < self.epochs:

@@ -18,6 +18,7 @@ from recu_cli.convert import ConversionReport, binary_layers, check_keep, conver
 from recu_cli.data import DataBundle, build_data, make_loader
 from recu_cli.devices import default_amp_dtype, default_workers
 from recu_cli.errors import RecuError
+from recu_cli.fastdata.choice import DataPathChoice, choose
 from recu_cli.imagecheck import check_tree, collate
 from recu_cli.models import ModelSpec, create_model, reset_head
 from recu_cli.training.config import TrainConfig
@@ -47,6 +48,7 @@ class Parts:
     teacher: nn.Module | None = None
     features: tuple[FeatureTap, FeatureTap] | None = None  # student's and teacher's taps
     original: nn.Module | None = None  # the unconverted model, for step 0 (then dropped)
+    data_path: DataPathChoice | None = None  # which loaders (fastdata/choice.py) and why
 
     @property
     def steps_per_epoch(self) -> int:
@@ -90,53 +92,69 @@ def build_parts(
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    sampler, train_loader, val_loader = _loaders(cfg, info, device, data)
+    sampler, train_loader, val_loader, data_path = build_loaders(cfg, info, device, data, spec, log)
+    log(data_path.line)
     optimizer = build_optimizer(model, cfg)
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
         optimizer, scaler, amp_dtype, teacher, _feature_taps(cfg, model, teacher), original,
+        data_path,
     )  # fmt: skip
 
 
-def _loaders(
-    cfg: TrainConfig, info: DistInfo, device: torch.device, data: DataBundle
-) -> tuple[EpochBatchSampler, Any, Any]:
-    """The seeded, resumable training batches of this rank, and its share of validation."""
+def build_loaders(
+    cfg: TrainConfig, info: DistInfo, device: torch.device, data: DataBundle, spec: ModelSpec,
+    log: Log,
+) -> tuple[EpochBatchSampler, Any, Any, DataPathChoice]:  # fmt: skip
+    """The seeded, resumable training batches of this rank, and its share of validation,
+    on the data path --data-path picks (fastdata/choice.py; 'auto' resolved here and
+    stored with the run)."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = default_workers(device, local_world) if cfg.workers is None else cfg.workers
-    train_ds = SeededItems(data.train, cfg.seed)
-    sampler = EpochBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    n_train = len(data.train)
+    sampler = EpochBatchSampler(n_train, cfg.batch_size, cfg.seed, info.rank, info.world_size)
     if len(sampler) == 0:
         raise RecuError(
-            f"the training set ({len(train_ds)} images) is smaller than one batch per "
+            f"the training set ({n_train} images) is smaller than one batch per "
             f"process; lower -b (now {cfg.batch_size})"
         )
+    pin = device.type == "cuda"
+    val_batch = max(cfg.batch_size, 64)
     # Each loader draws its workers' base seed from its own generator: from the global
     # one, every iter() (one more after each resume) would shift the stream the training
     # step draws from, and resume.pt's RNG would differ from the uninterrupted run's.
     # SeededItems seeds each item itself, so the base seed does not change the data.
-    train_loader = torch.utils.data.DataLoader(
-        train_ds,
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=ignore_sigint,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    val = data.val
-    if info.enabled:
-        val = torch.utils.data.Subset(val, list(range(info.rank, len(val), info.world_size)))
-    val_loader = make_loader(
-        val,
-        max(cfg.batch_size, 64),
-        workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed + 1),
-    )
-    return sampler, train_loader, val_loader
+
+    def train_loader(ds: Any, collate_fn: Any) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            SeededItems(ds, cfg.seed),
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+            worker_init_fn=ignore_sigint,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def val_loader(ds: Any, collate_fn: Any) -> torch.utils.data.DataLoader:
+        if info.enabled:
+            ds = torch.utils.data.Subset(ds, list(range(info.rank, len(ds), info.world_size)))
+        return make_loader(
+            ds, val_batch, workers, pin_memory=pin, collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(cfg.seed + 1),
+        )  # fmt: skip
+
+    val_indices = list(range(info.rank, len(data.val), info.world_size)) if info.enabled else None
+    fast = choose(
+        cfg.data_path, device, data, spec, cfg.seed, sampler, val_batch, val_indices, workers,
+        train_loader, val_loader, log,
+    )  # fmt: skip
+    cfg.data_path = fast.choice.path
+    if fast.train is None:  # the PIL path
+        fast.train, fast.val = train_loader(data.train, collate), val_loader(data.val, collate)
+    return sampler, fast.train, fast.val, fast.choice
 
 
 def _amp(

@@ -89,8 +89,8 @@ def _same(cfg: Any, key: str, value: Any) -> bool:
     if not hasattr(cfg, key) or key in ("model", "data"):
         return False
     saved = getattr(cfg, key)
-    if key == "amp_dtype" and value == "auto":  # config.json holds what auto resolved to
-        return True
+    if key in ("amp_dtype", "data_path") and value == "auto":  # config.json holds what
+        return True  # auto resolved to
     if isinstance(value, Path):
         value = str(value.expanduser().resolve())
     return value == saved

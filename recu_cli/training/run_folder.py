@@ -155,9 +155,14 @@ class RunFolder:
             self.log(f"error: {type(e).__name__}: {str(e)[:300]}", echo=False)
 
     # ---------------------------------------------------------------- files
-    def write_config(self, cfg: TrainConfig, spec: ModelSpec) -> None:
+    def write_config(
+        self, cfg: TrainConfig, spec: ModelSpec, data_path: dict[str, str] | None = None
+    ) -> None:
+        """config.json: the settings, the model's spec, and which data path and why."""
         if self.info.is_main:
             payload = {"train": cfg.to_dict(), "model": spec.to_dict(), "recu_version": _version()}
+            if data_path is not None:
+                payload["data_path"] = data_path
             write_bytes(self.path / "config.json", json.dumps(payload, indent=2).encode())
 
     def write_summary(self, history: list[dict[str, Any]]) -> None:
@@ -301,7 +306,9 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         )
     try:
         payload = json.loads(path.read_text())
-        return TrainConfig.from_dict(payload["train"])
+        # runs from before --data-path trained on PIL workers: they continue there exactly
+        settings = {"data_path": "pil", **payload["train"]}
+        return TrainConfig.from_dict(settings)
     except (ValueError, KeyError, TypeError) as e:
         raise RecuError(f"{path} is damaged ({e}); start a new run") from e
 

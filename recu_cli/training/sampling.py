@@ -29,14 +29,16 @@ class SeededItems(Dataset):
     def __getitem__(self, j: int):
         epoch, i = divmod(int(j), self.n)
         item_seed = (self.seed * 1_000_003 + epoch * 7_919 * self.n + i) % (2**63 - 1)
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
-            random.seed(item_seed)
-            try:
-                return self.dataset[i]
-            finally:
-                random.setstate(py_state)
+        # the CPU generator alone: torch.manual_seed would also queue a CUDA seed with a
+        # captured stack trace (~0.5 ms an image) and reseed a GPU's generator in-process
+        py_state, cpu_state = random.getstate(), torch.get_rng_state()
+        torch.default_generator.manual_seed(item_seed)
+        random.seed(item_seed)
+        try:
+            return self.dataset[i]
+        finally:
+            torch.set_rng_state(cpu_state)
+            random.setstate(py_state)
 
 
 class EpochBatchSampler(Sampler[list[int]]):

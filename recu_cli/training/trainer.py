@@ -97,10 +97,10 @@ class Trainer:
         if self.resuming:
             self._load_resume()
             if resume_changes:
-                self.run.write_config(cfg, self.parts.spec)
+                self.run.write_config(cfg, self.parts.spec, self._data_path())
                 log("settings changed on resume: " + ", ".join(resume_changes))
         else:
-            self.run.write_config(cfg, self.parts.spec)
+            self.run.write_config(cfg, self.parts.spec, self._data_path())
             with torch.random.fork_rng(devices=[]):  # leaves the training RNG stream as it was
                 self.state.step0 = self._start_model(self.parts.original)
         self.parts.original = None
@@ -108,6 +108,10 @@ class Trainer:
         if not self.resuming:
             self.loop.save_resume()  # the first resume point: a kill from here on loses little
             log("resume point saved (start of training)", echo=False)
+
+    def _data_path(self) -> dict[str, str] | None:
+        choice = self.parts.data_path
+        return choice.to_dict() if choice is not None else None
 
     def _start_model(self, original: nn.Module | None) -> dict[str, Any]:
         """Step 0: calibrate the thresholds on training images (eval transforms) and measure
