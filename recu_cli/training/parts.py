@@ -23,6 +23,7 @@ from recu_cli.models import ModelSpec, create_model, reset_head
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo
+from recu_cli.training.fast_step import optimizer_options
 from recu_cli.training.optim import build_optimizer
 from recu_cli.training.sampling import EpochBatchSampler, SeededItems
 from recu_cli.training.signals import ignore_sigint
@@ -47,6 +48,7 @@ class Parts:
     teacher: nn.Module | None = None
     features: tuple[FeatureTap, FeatureTap] | None = None  # student's and teacher's taps
     original: nn.Module | None = None  # the unconverted model, for step 0 (then dropped)
+    fast: Any = None  # --compile: the compiled (CUDA-graph) step, training/fast_step.py
 
     @property
     def steps_per_epoch(self) -> int:
@@ -91,7 +93,7 @@ def build_parts(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     sampler, train_loader, val_loader = _loaders(cfg, info, device, data)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, info))
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
