@@ -202,7 +202,9 @@ def assert_same(a, b, where: str = "") -> None:
 
 
 def test_graph_flow_on_the_cpu_equals_the_plain_step_bit_for_bit(
-    small_cifar, resnet20_weights, tmp_path  # noqa: F811
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
 ) -> None:
     """Everything of the CUDA-graph step but the capture itself, on the CPU: warm-up steps,
     static input buffers refilled per batch, replays, the stage switch's moments reset in
@@ -222,22 +224,24 @@ def test_graph_flow_on_the_cpu_equals_the_plain_step_bit_for_bit(
 
     def fast(trainer):
         steps.append(
-            FastStep(trainer.cfg, trainer.info, trainer.parts, trainer.run.log, compile=False,
-                     runner=EagerRunner)  # fmt: skip
+            FastStep(
+                trainer.cfg, trainer.info, trainer.parts, trainer.run.log, compile=False,
+                runner=EagerRunner,
+            )  # fmt: skip
         )
         return steps[0]
 
     cfg.experiment = "graph"
     graphed = run_to_end(cfg, fast)
     (step,) = steps
-    assert step.runner is not None and step.mode == "eager + CUDA graph"
+    assert step.runner is not None and step.mode == "eager + replayed step (CPU)"
     assert step.warmup_images == 4 * cfg.batch_size  # 3 warm-up steps and the capture
     assert [r["stage"] for r in plain[2]] == ["1", "2"]  # the switch came after the capture
     assert_same(plain[0], graphed[0], "model")
     assert_same(plain[1], graphed[1], "optimizer")
     assert plain[2] == graphed[2]
     log = (tmp_path / "graph" / "train.log").read_text()
-    assert "training step: eager + CUDA graph, warm-up" in log
+    assert "training step: eager + replayed step (CPU), warm-up" in log
 
 
 def test_binarize_compile_on_trains_on_the_cpu_like_eager(

@@ -145,11 +145,13 @@ class FastStep:
 
     `compile=False` and `runner=EagerRunner` exist for tests: the same flow with the eager
     forward and a replay that reruns the step, which must equal the plain step bit for bit.
+    `backend` is torch.compile's (bench/gpu_check.py --dry-run traces without inductor).
     """
 
     def __init__(
         self, cfg: TrainConfig, info: DistInfo, parts: Parts, log: Log, graphs: bool = True,
         compile: bool = True, runner: Callable[[], Any] | None = None,
+        backend: str = "inductor",
     ) -> None:  # fmt: skip
         from recu_cli.training.steps import forward_loss
 
@@ -164,6 +166,7 @@ class FastStep:
                 static_loss,
                 fullgraph=not info.enabled,  # DDP splits the graph at its buckets
                 dynamic=False,
+                backend=backend,
             )
         self.ready = False  # the first step of loss_fn has run
         self.runner_factory = runner or CudaGraphRunner
@@ -316,7 +319,9 @@ class FastStep:
 
     @property
     def mode(self) -> str:
-        graph = " + CUDA graph" if self.runner is not None else ""
+        graph = ""
+        if self.runner is not None:
+            graph = " + CUDA graph" if self.runner.tensor_lr else " + replayed step (CPU)"
         return ("compiled" if self.compiled else "eager") + graph
 
     def describe(self) -> str:
