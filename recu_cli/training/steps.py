@@ -51,6 +51,9 @@ def forward_loss(
 ) -> torch.Tensor:  # fmt: skip
     """The training loss of one batch: student forward, cross-entropy, distillation from
     the teacher's logits and features. No host sync (it is what --compile compiles)."""
+    if parts.features is not None:
+        for tap in parts.features:
+            tap.clear()
     with autocast(parts, cache):
         logits = parts.ddp_model(images)
         loss = F.cross_entropy(logits.float(), targets)
