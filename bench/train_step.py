@@ -7,11 +7,18 @@ paper's layer and for the default (finetune) recipe's layer in both of its stage
 
     python bench/train_step.py                # resnet20 (32 px, b 128) and resnet18 (224 px, b 16)
     python bench/train_step.py --threads 2 --rounds 7 --models resnet20
+    python bench/train_step.py --compile --models resnet20   # also torch.compile'd steps
+
+With --compile every model is also timed with its forward and loss compiled by
+torch.compile (inductor's C++ backend on the CPU; the backward compiled with it), as
+`recu binarize --compile on` runs them, and the compiled/eager ratio of each is printed.
+Compilation (minutes on a small CPU) happens before the timed rounds and is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -32,13 +39,18 @@ VARIANTS = (
 )
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool = False):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    loss_fn = torch.compile(loss_of, fullgraph=True, dynamic=False) if compiled else loss_of
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss_fn(x, y).backward()
         opt.step()
 
     return step
@@ -57,6 +69,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     ap.add_argument("--models", nargs="*", default=[c[0] for c in CASES], help="cases to run")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     ap.add_argument(
         "--glibc-trim",
         action="store_true",
@@ -83,8 +96,18 @@ def main() -> None:
             for _, layer in binary_layers(bnn):
                 layer.binarize_weights = not stage1
             steps[label] = make_step(bnn, x, y)
-        for s in steps.values():  # warm-up
+            if args.compile and not stage1:  # compiled, both stages are one graph
+                twin = copy.deepcopy(bnn)
+                steps[label + " compiled"] = make_step(twin, x, y, compiled=True)
+        if args.compile:
+            fp_twin, _ = create_model(name, num_classes=10)
+            fp_twin.load_state_dict(fp.state_dict())
+            steps["fp32 compiled"] = make_step(fp_twin, x, y, compiled=True)
+        for label, s in steps.items():  # warm-up (compilation of the compiled ones)
+            start = time.perf_counter()
             time_steps(s, 1)
+            if label.endswith("compiled"):
+                print(f"    compile warm-up {label}: {time.perf_counter() - start:.1f} s")
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(args.rounds):
             for k, s in steps.items():
@@ -96,10 +119,14 @@ def main() -> None:
                 continue
             t = statistics.median(times[label])
             ratios = [b / f for b, f in zip(times[label], times["fp32"], strict=True)]
-            print(
-                f"    {label:22s} {1000 * t:8.1f} ms/step  ratio {t / fp_t:.2f}x "
+            line = (
+                f"    {label:31s} {1000 * t:8.1f} ms/step  ratio {t / fp_t:.2f}x "
                 f"(per-round min {min(ratios):.2f}, max {max(ratios):.2f})"
             )
+            eager = label.removesuffix(" compiled")
+            if label.endswith(" compiled") and eager in times:
+                line += f"  compiled/eager {t / statistics.median(times[eager]):.2f}x"
+            print(line)
 
 
 if __name__ == "__main__":

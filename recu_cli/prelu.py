@@ -55,10 +55,15 @@ def _channel_dot(a: torch.Tensor, b: torch.Tensor, per_channel: bool) -> torch.T
 
 
 class PReLU(nn.PReLU):
-    """nn.PReLU whose training backward avoids ATen's slow CPU kernel (module docstring)."""
+    """nn.PReLU whose training backward avoids ATen's slow CPU kernel (module docstring).
+
+    Only eager CPU training takes the hand-written backward: on a GPU ATen's backward is
+    one fused kernel where this one is four launches, and a compiled graph derives and
+    fuses the backward of F.prelu itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         needs_grad = x.requires_grad or self.weight.requires_grad
-        if torch.is_grad_enabled() and needs_grad and x.dim() >= 2:
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        if eager_cpu and torch.is_grad_enabled() and needs_grad and x.dim() >= 2:
             return _PReLUFunction.apply(x, self.weight)
         return super().forward(x)

@@ -46,3 +46,40 @@ def test_generated_images_are_an_image_folder(tmp_path) -> None:
     first = train[0].read_bytes()
     module.make_images(root, classes=2, train_per_class=3, val_per_class=1)  # reused as is
     assert train[0].read_bytes() == first
+
+
+def test_dry_run_exercises_the_step_equal_and_profile_parts_on_the_cpu(tmp_path) -> None:
+    """`gpu_check.py --dry-run`: the GPU check's own code on the CPU at tiny sizes (the
+    compiled steps traced by dynamo, the CUDA graph replaced by a rerun): every entry of
+    the step table timed, the targets evaluated, graph and compiled losses equal, the
+    profiler tables written, each part timed and recorded in gpu_check.json."""
+    import json
+    import os
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), str(out), "--parts", "step,equal,profile",
+         "--dry-run", "--cases", "resnet20"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert set(report["parts"]) == {"step", "equal", "profile"}
+    assert all(p["status"] == "ok" and p["wall_s"] > 0 for p in report["parts"].values())
+    rows = report["step"]
+    assert {(r["layer"], r["mode"]) for r in rows} == {
+        (layer, mode)
+        for layer in ("float", "recu paper", "recu finetune")
+        for mode in ("eager", "compiled")
+    }
+    assert all(r["ms"] > 0 and r["loss_finite"] for r in rows)
+    compiled = [r for r in rows if r["mode"] == "compiled"]
+    assert all(r["path"] == "compiled + replayed step (CPU)" for r in compiled)
+    assert any("recu finetune compiled <= 1.5x float eager" in t for t in report["targets"])
+    assert report["equal"]["graph_equals_compiled"]
+    for mode in ("compiled", "eager"):
+        table = (out / f"profile_finetune_resnet20_{mode}.txt").read_text()
+        assert "Name" in table and "aten::" in table
+    assert "## step: ok, wall" in proc.stdout and "| resnet20 | recu finetune |" in proc.stdout

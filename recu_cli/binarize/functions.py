@@ -102,6 +102,8 @@ class _RescaledApproxSign(torch.autograd.Function):
 
 
 def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.compiler.is_compiling():  # the reductions name their dtype; casts get fused
+        return contextlib.nullcontext()
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -120,7 +122,10 @@ def _per_sample_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     already is (flatten(1) would copy it to NCHW first). x and y share y's layout.
     """
     acc = _accumulation_dtype(y)
-    if y.dtype != acc:  # half: products summed in fp32, never rounded to half
+    if y.dtype != acc or torch.compiler.is_compiling():
+        # half: products summed in fp32, never rounded to half; compiled: the same sum,
+        # which the compiler fuses into one kernel (the stride-ordered view below exists for
+        # eager CPU speed, and a sort over strides cannot be traced)
         return (x * y).sum(dim=tuple(range(1, y.dim())), dtype=acc)
     order = sorted(range(1, y.dim()), key=lambda d: -y.stride(d))
     rows = [t.permute(0, *order).reshape(t.shape[0], -1) for t in (x, y)]

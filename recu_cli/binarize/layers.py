@@ -61,9 +61,16 @@ class ReCUConv2d(nn.Conv2d):
       act_threshold: a learnable per-input-channel threshold beta before the sign,
         sign(x - beta) (ReActNet's RSign); off (beta = 0) reproduces the paper.
 
-    `binarize_weights` (an attribute, set by the trainer's two-stage recipe) switches the
-    weight path: False runs the conv with the real, centred latent weights W - mean(W)
-    (stage 1: binary activations only), True with ReCU's binary weights (stage 2).
+    The weight path is chosen by `weight_mix` (`set_weight_mix`, or the bool view
+    `binarize_weights` that the trainer's two-stage recipe sets): 0 runs the conv with the
+    real, centred latent weights W0 = W - mean(W) (stage 1: binary activations only), 1
+    with ReCU's binary weights alpha * sign(W2) (stage 2), and a value m in between with
+    torch.lerp(W0, alpha * sign(W2), m) = (1 - m) W0 + m alpha sign(W2), so both paths
+    receive gradient ((1 - m) and m times the output's), e.g. for a progressive switch.
+    `weight_mix` is a non-persistent buffer (state_dict and packed files do not hold it): a
+    compiled or CUDA-graph-captured forward reads it as a tensor, so the stage switch
+    changes no graph. Eager forwards at exactly 0 or 1 take their own branch (the Python
+    mirror of the same value), which computes only the path in use.
     """
 
     def __init__(
@@ -110,8 +117,9 @@ class ReCUConv2d(nn.Conv2d):
         self.clamp = bool(clamp)
         self.alpha_mode: AlphaMode = alpha_mode
         self.rescale_activations = bool(rescale_activations)
-        self.binarize_weights = True
         self.register_buffer("tau", torch.tensor(float(tau), device=device))
+        self.register_buffer("weight_mix", torch.ones((), device=device), persistent=False)
+        self._weight_mix = 1.0  # the buffer's value, for eager branching without a host read
         if act_threshold:
             self.act_threshold = nn.Parameter(torch.zeros(in_channels, device=device))
         else:
@@ -152,6 +160,24 @@ class ReCUConv2d(nn.Conv2d):
     def set_tau(self, tau: float) -> None:
         self.tau.fill_(float(tau))
 
+    def set_weight_mix(self, mix: float) -> None:
+        """0 = stage 1 (real centred weights W0), 1 = ReCU's binary weights, in between the
+        linear blend of both (class docstring). Filled in place: a captured graph sees it."""
+        mix = float(mix)
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"weight_mix must be in [0, 1], got {mix}")
+        self.weight_mix.fill_(mix)
+        self._weight_mix = mix
+
+    @property
+    def binarize_weights(self) -> bool:
+        """True when the forward uses ReCU's binary weights alone (weight_mix 1)."""
+        return self._weight_mix == 1.0
+
+    @binarize_weights.setter
+    def binarize_weights(self, on: bool) -> None:
+        self.set_weight_mix(1.0 if on else 0.0)
+
     @torch.no_grad()
     def reset_alpha_from_latent(self) -> None:
         """alpha = mean |W - mean(W)| per output channel: the least-squares scale of sign(W0).
@@ -188,28 +214,51 @@ class ReCUConv2d(nn.Conv2d):
             return self.alpha
         return channel_mean_abs(self.quantize().w2 if w2 is None else w2)
 
+    def binary_weight_and_alpha(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """sign(W2) (with the weight path's gradient) and alpha, as stage 2 applies them."""
+        if self.alpha_mode == "learned":
+            wb = ReCUWeightSign.apply(
+                self.weight, self.tau, self.gain, self.standardize, self.clamp
+            )
+            return wb, self.alpha
+        w2 = self.quantize().w2  # the analytic alpha needs W2 itself, with its own gradient
+        return weight_sign_ste(w2), self.effective_alpha(w2)
+
+    def mixed_weight(self) -> torch.Tensor:
+        """lerp(W0, alpha * sign(W2), weight_mix): the weights of any stage, one graph.
+
+        lerp is exact at 0 (W0) and 1 (alpha * sign(W2)); alpha is folded into the weights
+        (conv(x, alpha * wb) == alpha * conv(x, wb)). The analytic alpha's buffer keeps the
+        scale last applied: unchanged while the mix is 0, as in the stage-1 branch."""
+        wb, alpha = self.binary_weight_and_alpha()
+        mix = self.weight_mix
+        if self.alpha_mode == "analytic":
+            with torch.no_grad():
+                self.alpha.copy_(torch.where(mix > 0, alpha.detach(), self.alpha))
+        w0 = centred(self.weight)
+        return torch.lerp(w0, wb * alpha.view(-1, 1, 1, 1).to(wb.dtype), mix.to(w0.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         xb = activation_sign(
             self.shifted_input(x), rescale=self.training and self.rescale_activations
         )
-        if not self.binarize_weights:  # stage 1: real centred weights, no alpha
-            wb, alpha = centred(self.weight).to(xb.dtype), None
-        elif self.alpha_mode == "learned":
-            wb = ReCUWeightSign.apply(
-                self.weight, self.tau, self.gain, self.standardize, self.clamp
-            )
-            alpha = self.alpha
-        else:  # the analytic alpha needs W2 itself, with its own gradient
-            w2 = self.quantize().w2
-            wb, alpha = weight_sign_ste(w2), self.effective_alpha(w2)
-            with torch.no_grad():  # the buffer shows the scale last applied (state_dict)
-                self.alpha.copy_(alpha.detach())
-        if alpha is not None and self.training:
-            # alpha * conv(x, wb) == conv(x, alpha * wb): scaling the [Cout, Cin, k, k]
-            # weights instead of the [N, Cout, H, W] output saves three passes over the
-            # output per step (forward, and both gradients). Eval keeps the product after
-            # the conv, the order the deploy form and the runtimes reproduce bit for bit.
-            wb, alpha = wb * alpha.view(-1, 1, 1, 1).to(wb.dtype), None
+        mix = self._weight_mix
+        alpha: torch.Tensor | None = None
+        if torch.compiler.is_compiling() or 0.0 < mix < 1.0:
+            wb = self.mixed_weight()  # one graph for every stage (no recompile at a switch)
+        elif mix == 0.0:  # stage 1: real centred weights, no alpha
+            wb = centred(self.weight).to(xb.dtype)
+        else:
+            wb, alpha = self.binary_weight_and_alpha()
+            if self.alpha_mode == "analytic":
+                with torch.no_grad():  # the buffer shows the scale last applied (state_dict)
+                    self.alpha.copy_(alpha.detach())
+            if self.training:
+                # alpha * conv(x, wb) == conv(x, alpha * wb): scaling the [Cout, Cin, k, k]
+                # weights instead of the [N, Cout, H, W] output saves three passes over the
+                # output per step (forward, and both gradients). Eval keeps the product after
+                # the conv, the order the deploy form and the runtimes reproduce bit for bit.
+                wb, alpha = wb * alpha.view(-1, 1, 1, 1).to(wb.dtype), None
         out = F.conv2d(xb, wb, None, self.stride, self.padding, self.dilation, self.groups)
         # alpha and bias in the conv's output dtype: under autocast an fp32 [C,1,1] factor
         # would promote the half output, and with it BN, the adds and the saved tensors

@@ -196,6 +196,16 @@ def binarize(
             "uninterrupted one to the bit; slower. CPU runs are exact without it.",
         ),
     ] = False,
+    compile: Annotated[
+        str,
+        typer.Option(
+            "--compile",
+            help="auto (default): on for CUDA, off on the CPU; on: torch.compile the training "
+            "step (student, teacher, losses; fused optimizer on CUDA, and one CUDA graph per "
+            "step where possible); off: eager. Falls back to a slower path with one line in "
+            "train.log where one fails. Validation stays eager.",
+        ),
+    ] = "auto",
     channels_last: Annotated[
         bool,
         typer.Option(

@@ -19,6 +19,7 @@ from recu_cli.fastdata import DATA_PATHS
 from recu_cli.training.resumeclock import DEFAULT_INTERVAL, parse_interval
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+COMPILE_MODES = ("auto", "on", "off")  # as training/fast_step.py (torch-free here)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
     checkpoint_interval: str = DEFAULT_INTERVAL
     strict_data: bool = False
     deterministic: bool = False
+    compile: str = "auto"  # auto | on | off: training/fast_step.py
 
     def __post_init__(self) -> None:
         if isinstance(self.convert, dict):  # config.json and callers that hold a dict
@@ -117,6 +119,10 @@ class TrainConfig:
             raise RecuError("--bn-recalib must be >= 0 and --calib-images at least 1")
         if self.feature_kd > 0 and self.teacher == "none":
             raise RecuError("--feature-kd needs a teacher; drop --teacher none or set it to 0")
+        if self.compile not in COMPILE_MODES:
+            raise RecuError(
+                f"--compile must be one of {', '.join(COMPILE_MODES)}, got '{self.compile}'"
+            )
         parse_interval(self.checkpoint_interval)
 
     @property

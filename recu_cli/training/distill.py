@@ -76,6 +76,11 @@ class FeatureTap:
 
         return hook
 
+    def clear(self) -> None:
+        """Forget outputs of forwards nobody took (validation runs the hooked model too):
+        a compiled step then never depends on what an earlier forward left here."""
+        self.outputs = {}
+
     def take(self) -> list[torch.Tensor]:
         """The outputs of the last forward, in `names` order; clears them."""
         out = [self.outputs[n] for n in self.names]

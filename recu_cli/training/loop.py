@@ -190,7 +190,8 @@ class EpochLoop:
             self._reestimate_batchnorm()
         sync_buffers(parts.model, self.info)
         val = validate(parts, self.info, cfg.channels_last)
-        row = epoch_row(parts, state, self.info, val, seconds, images_seen)
+        warmup = parts.fast.take_warmup() if parts.fast is not None else (0.0, 0)
+        row = epoch_row(parts, state, self.info, val, seconds, images_seen, warmup)
         state.history.append(row)
         state.pos.epoch += 1
         state.pos.step_in_epoch = 0

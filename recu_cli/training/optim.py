@@ -50,15 +50,55 @@ def param_groups(
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, options: dict[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """The run's optimizer; `options` are implementation flags that do not change the
+    maths (fused, capturable: training/fast_step.optimizer_options)."""
     groups = param_groups(
         model, cfg.base_lr, cfg.weight_decay, cfg.other_lr_scale, cfg.other_weight_decay
     )
+    kw = dict(options or {})
     if cfg.opt == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True)
+        kw.pop("capturable", None)  # SGD has no such flag (and no CUDA graphs: fast_step.py)
+        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=True, **kw)
     if cfg.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.base_lr)
-    return torch.optim.Adam(groups, lr=cfg.base_lr)
+        return torch.optim.AdamW(groups, lr=cfg.base_lr, **kw)
+    return torch.optim.Adam(groups, lr=cfg.base_lr, **kw)
+
+
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")
+
+
+def settle_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: this run's implementation flags (the file holds those of the
+    run that saved it, which load_state_dict restores), and each `step` counter where they
+    want it: on the parameter's device for fused or capturable Adam, else on the CPU.
+    Changes nothing when the flags are the saved ones (an eager CPU resume stays exact)."""
+    for group in optimizer.param_groups:
+        for key in IMPLEMENTATION_FLAGS:
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            step = state.get("step") if state else None
+            if isinstance(step, torch.Tensor):
+                where = p.device if on_device else torch.device("cpu")
+                state["step"] = step.to(device=where, dtype=torch.float32)
+
+
+def restart_moments(optimizer: torch.optim.Optimizer, in_place: bool) -> None:
+    """Adam's moments (and step counts, SGD's momentum) start again from zero. In place for
+    a compiled or captured step, whose graph holds these very tensors; dropped otherwise
+    (the same numbers: fresh state is zeros)."""
+    if not in_place:
+        optimizer.state.clear()
+        return
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
 
 
 def stage_bounds(cfg: TrainConfig, stage: int) -> tuple[int, int]:
@@ -118,7 +158,7 @@ def enter_stage(
     if switching:
         for _, layer in binary_layers(parts.model):
             layer.reset_alpha_from_latent()
-        parts.optimizer.state.clear()
+        restart_moments(parts.optimizer, in_place=parts.fast is not None)
         log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
     first, _ = stage_bounds(cfg, stage)
     state.stage_start_step = first * parts.steps_per_epoch

@@ -24,6 +24,7 @@ from recu_cli.models import ModelSpec, create_model, reset_head
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo
+from recu_cli.training.fast_step import optimizer_options
 from recu_cli.training.optim import build_optimizer
 from recu_cli.training.sampling import EpochBatchSampler, SeededItems
 from recu_cli.training.signals import ignore_sigint
@@ -49,6 +50,7 @@ class Parts:
     features: tuple[FeatureTap, FeatureTap] | None = None  # student's and teacher's taps
     original: nn.Module | None = None  # the unconverted model, for step 0 (then dropped)
     data_path: DataPathChoice | None = None  # which loaders (fastdata/choice.py) and why
+    fast: Any = None  # --compile: the compiled (CUDA-graph) step, training/fast_step.py
 
     @property
     def steps_per_epoch(self) -> int:
@@ -94,7 +96,7 @@ def build_parts(
         )
     sampler, train_loader, val_loader, data_path = build_loaders(cfg, info, device, data, spec, log)
     log(data_path.line)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, info))
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,

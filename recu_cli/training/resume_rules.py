@@ -5,8 +5,9 @@ refused (one line saying how to start a new run); a flag repeated with the run's
 value is accepted. What may change:
 
 - how the run is executed: --workers, --device, --log-interval, --checkpoint-interval,
-  --strict-data, --deterministic, --quiet, --json (the numbers do not depend on them on
-  the CPU; another kind of device continues correctly but not to the bit);
+  --strict-data, --deterministic, --compile, --quiet, --json (the numbers do not depend
+  on them on the CPU, except --compile, whose compiled kernels round differently; another
+  kind of device, or switching --compile, continues correctly but not to the bit);
 - its length: a larger --epochs or --max-steps. Schedule rule: the cosine learning rate
   and the tau schedule are recomputed for the new length and continue from the current
   step, as if the run had been started with the new length (steps already taken keep
@@ -26,6 +27,7 @@ from recu_cli.errors import RecuError
 # CLI parameter name -> TrainConfig field, for the settings --resume may change
 EXECUTION = (
     "workers", "device", "log_interval", "checkpoint_interval", "strict_data", "deterministic",
+    "compile",
 )  # fmt: skip
 LENGTH = ("epochs", "max_steps")
 NOT_SETTINGS = ("resume", "json_out", "quiet")

@@ -17,24 +17,44 @@ from recu_cli.training.distill import attention_loss, distillation_loss
 from recu_cli.training.distributed import DistInfo, agree, all_reduce_sum
 from recu_cli.training.parts import Parts
 from recu_cli.training.state import TrainState
+from recu_cli.training.trackers import FlipTracker
 
 
-def autocast(parts: Parts) -> contextlib.AbstractContextManager:
-    """--amp's autocast; nothing at all without it."""
+def autocast(parts: Parts, cache: bool = True) -> contextlib.AbstractContextManager:
+    """--amp's autocast; nothing at all without it. cache=False for CUDA-graph capture
+    (autocast's cache of cast weights must not outlive a captured region)."""
     if parts.amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(parts.device.type, dtype=parts.amp_dtype)
+    kw = {} if cache else {"cache_enabled": False}
+    return torch.autocast(parts.device.type, dtype=parts.amp_dtype, **kw)
 
 
 def train_step(
     cfg: TrainConfig, parts: Parts, images: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """One optimizer step; returns the loss as a device tensor (no host sync here)."""
+    """One optimizer step; returns the loss as a device tensor (no host sync here).
+
+    With --compile, `parts.fast` (training/fast_step.py) runs the same two halves below,
+    compiled and, on CUDA, captured as one graph."""
     images = images.to(parts.device, non_blocking=True)
     targets = targets.to(parts.device, non_blocking=True)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(parts):
+    if parts.fast is not None:
+        return parts.fast.step(images, targets)
+    return apply_gradients(cfg, parts, forward_loss(cfg, parts, images, targets))
+
+
+def forward_loss(
+    cfg: TrainConfig, parts: Parts, images: torch.Tensor, targets: torch.Tensor,
+    cache: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """The training loss of one batch: student forward, cross-entropy, distillation from
+    the teacher's logits and features. No host sync (it is what --compile compiles)."""
+    if parts.features is not None:
+        for tap in parts.features:
+            tap.clear()
+    with autocast(parts, cache):
         logits = parts.ddp_model(images)
         loss = F.cross_entropy(logits.float(), targets)
         if parts.teacher is not None:
@@ -46,6 +66,11 @@ def train_step(
             student_tap, teacher_tap = parts.features
             at = attention_loss(student_tap.take(), teacher_tap.take())
             loss = loss + cfg.feature_kd * at
+    return loss
+
+
+def apply_gradients(cfg: TrainConfig, parts: Parts, loss: torch.Tensor) -> torch.Tensor:
+    """Backward and optimizer step (grad scaler and clipping included); the loss, detached."""
     optimizer, scaler = parts.optimizer, parts.scaler
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -87,27 +112,44 @@ def validate(
 
 def epoch_row(
     parts: Parts, state: TrainState, info: DistInfo, val: EvalResult, seconds: float,
-    images_seen: int,
+    images_seen: int, warmup: tuple[float, int] = (0.0, 0),
 ) -> dict[str, Any]:  # fmt: skip
-    """The epoch's summary.csv row (collective: every rank calls it)."""
-    from recu_cli.stats import dead_weight_share
+    """The epoch's summary.csv row (collective: every rank calls it). `seconds` is the
+    epoch's wall time; img/s leaves out `warmup` (--compile's compile and capture steps:
+    seconds, images), which train.log states once."""
+    from recu_cli.stats import dead_weight_counts, share_of, to_host
 
     skipped = all_reduce_sum([float(state.skipped.epoch)], info, parts.device)[0]
+    weights = to_host(  # the weight statistics, computed on the device, read in one transfer
+        {
+            "tau": binary_layers(parts.model)[0][1].tau,
+            "dead": dead_weight_counts(parts.model),
+            "flips": state.flips.count_tensor(parts.model),
+        }
+    )
     return {
         "epoch": state.pos.epoch + 1,
         "stage": state.stage,
         "lr": float(parts.optimizer.param_groups[0]["lr"]),
-        "tau": float(binary_layers(parts.model)[0][1].tau),
+        "tau": weights["tau"],
         "train_loss": state.metrics.epoch_mean(info),
         "val_top1": val.top1,
         "val_top5": val.top5,
         "val_loss": val.loss,
-        "dead_share": dead_weight_share(parts.model),
-        **state.flips.rates(parts.model),
+        "dead_share": share_of(weights["dead"]),
+        **FlipTracker.rates_from(weights["flips"]),
         "seconds": seconds,
-        "img_per_s": images_seen * info.world_size / max(seconds, 1e-9),
+        "img_per_s": steady_rate(images_seen, seconds, warmup) * info.world_size,
         "skipped_images": int(skipped),
     }
+
+
+def steady_rate(images: int, seconds: float, warmup: tuple[float, int]) -> float:
+    """Images per second without the warm-up steps; with the warm-up when nothing else ran."""
+    warm_s, warm_n = warmup
+    if images > warm_n and seconds > warm_s:
+        images, seconds = images - warm_n, seconds - warm_s
+    return images / max(seconds, 1e-9)
 
 
 def epoch_line(row: dict[str, Any], epochs: int, is_best: bool) -> str:

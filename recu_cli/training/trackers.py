@@ -35,25 +35,37 @@ class FlipTracker:
             self.start[name] = (qz.w2 >= 0, qz.w1.abs() > qz.q)
 
     @torch.no_grad()
-    def rates(self, model: nn.Module) -> dict[str, float]:
-        """Rates of the whole model, pooled from each layer's counts (stats.flip_counts)."""
-        from recu_cli.stats import flip_counts
+    def count_tensor(self, model: nn.Module) -> torch.Tensor | None:
+        """[flips, n, tail_flips, tail_n] pooled over the layers (stats.flip_count_tensor),
+        on the model's device: read together with the epoch's other numbers."""
+        from recu_cli.stats import flip_count_tensor
 
-        total = {"flips": 0, "n": 0, "tail_flips": 0, "tail_n": 0}
+        rows = []
         for name, layer in binary_layers(model):
             if name not in self.start:
                 continue
             old_plus, tail = self.start[name]
-            c = flip_counts(old_plus.float() * 2 - 1, sign_pos(layer.quantize().w2), tail)
-            for k in total:
-                total[k] += c[k]
-        n, tails = total["n"], total["tail_n"]
+            new_sign = sign_pos(layer.quantize().w2)
+            rows.append(flip_count_tensor(old_plus.float() * 2 - 1, new_sign, tail))
+        return torch.stack(rows).sum(dim=0) if rows else None
+
+    @staticmethod
+    def rates_from(counts: list[float] | None) -> dict[str, float]:
+        """Rates of the whole model from `count_tensor` read to the host."""
+        n = flips = tail_flips = tails = 0
+        if counts is not None:
+            flips, n, tail_flips, tails = (int(v) for v in counts)
         core = n - tails
         return {
-            "flip_rate": total["flips"] / n if n else 0.0,
-            "flip_rate_tail": total["tail_flips"] / tails if tails else 0.0,
-            "flip_rate_core": (total["flips"] - total["tail_flips"]) / core if core else 0.0,
+            "flip_rate": flips / n if n else 0.0,
+            "flip_rate_tail": tail_flips / tails if tails else 0.0,
+            "flip_rate_core": (flips - tail_flips) / core if core else 0.0,
         }
+
+    def rates(self, model: nn.Module) -> dict[str, float]:
+        """Rates of the whole model, pooled from each layer's counts (one host read)."""
+        counts = self.count_tensor(model)
+        return self.rates_from(None if counts is None else counts.tolist())
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {}

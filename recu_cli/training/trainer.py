@@ -18,8 +18,9 @@ from recu_cli.progress import make_progress
 from recu_cli.step0 import describe_step0, step0_numbers
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distributed import barrier, init_distributed, shutdown
+from recu_cli.training.fast_step import make_fast_step
 from recu_cli.training.loop import EpochLoop
-from recu_cli.training.optim import enter_stage, stage_of
+from recu_cli.training.optim import enter_stage, settle_optimizer, stage_of
 from recu_cli.training.parts import Parts, build_parts
 from recu_cli.training.resumeclock import ResumeClock
 from recu_cli.training.run_folder import RunFolder, check_world_size, damaged
@@ -104,6 +105,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # leaves the training RNG stream as it was
                 self.state.step0 = self._start_model(self.parts.original)
         self.parts.original = None
+        self.parts.fast = make_fast_step(cfg, self.info, self.parts, log)
         self._enter_stage(stage_of(cfg, self.state.pos.epoch), switching=False)
         if not self.resuming:
             self.loop.save_resume()  # the first resume point: a kill from here on loses little
@@ -140,6 +142,7 @@ class Trainer:
             check_world_size(self.run_dir, saved.get("world_size"), self.info.world_size)
             self.parts.model.load_state_dict(saved["model"])
             self.parts.optimizer.load_state_dict(saved["optimizer"])
+            settle_optimizer(self.parts.optimizer)  # this run's fused/capturable flags
             self._load_scaler(saved.get("scaler") or {})
         except RecuError:
             raise
