@@ -261,7 +261,8 @@ def test_sign_of_zero_is_plus_one(tmp_path) -> None:
         path = tmp_path / f"{fmt}.onnx"
         onnx.save(proto, str(path))
         out = qonnx.run(path, x.numpy()) if fmt == "qonnx" else verify.run_onnxruntime(path, x)
-        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6, err_msg=fmt)
+        # float32 sums of ~8-sized logits in another order: a few ulps (1.9e-6 seen in CI)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5, err_msg=fmt)
     # the test bites: ONNX Sign (0 -> 0) would give other logits on the zero images
     with torch.no_grad():
         sign0 = model.conv.alpha.view(1, -1, 1, 1) * torch.nn.functional.conv2d(
