@@ -17,20 +17,16 @@ from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.models import ModelSpec
-from tests.conftest import CIFAR, REPO, cifar_batch, link_tree, require_shared
+from tests.conftest import CIFAR, REPO, cifar_batch, link_tree, require_module, require_shared
 from tests.test_cli_models import assert_one_line_error, run_cli
 
-onnx = pytest.importorskip("onnx", reason='export extras absent: pip install -e ".[export]"')
-ort = pytest.importorskip("onnxruntime", reason="the export extras are absent")
-pytest.importorskip("qonnx", reason="the export extras are absent")
+onnx = require_module("onnx", "export")
+ort = require_module("onnxruntime", "export")
+require_module("qonnx", "export")
 
 from recu_cli.export import onnx_graph, pt2, qonnx, verify  # noqa: E402
-from recu_cli.runtime import ext  # noqa: E402
+from tests.test_runtime import needs_xnor  # noqa: E402
 
-NO_TOOLCHAIN = ext.toolchain_problem()
-needs_xnor = pytest.mark.skipif(
-    NO_TOOLCHAIN is not None, reason=f"C++ toolchain absent: {NO_TOOLCHAIN}"
-)
 N_IMAGES = 500
 
 
@@ -364,8 +360,7 @@ def test_pt2_program_calls_the_custom_op_and_fakes_pass_opcheck(checkpoints) -> 
 
 
 def test_timm_resnet18_runs_in_onnxruntime_and_openvino(capsys, tmp_path) -> None:
-    ov = pytest.importorskip("openvino", reason="the export extras are absent")
-    assert ov is not None
+    require_module("openvino", "export")
     src, out = tmp_path / "r18.safetensors", tmp_path / "r18.onnx"
     code, _, err = run_cli(["convert", "resnet18", "-o", str(src)], capsys)
     assert code == 0, err
