@@ -84,6 +84,12 @@ def test_xnor_variants_are_in_the_engine_tests() -> None:
     assert "xnor" in ENGINES_HERE and ("xnor", "generic") in engine_variants()
 
 
+def test_int8_onednn_variant_is_in_the_engine_tests() -> None:
+    if not onednn_available():  # a property of torch's build and the CPU, not an install
+        pytest.skip("oneDNN's quantized conv is absent or inexact here: int8 tests use int_mm")
+    assert ("int8", "onednn") in engine_variants()
+
+
 def engine_variants() -> list[tuple[str, str]]:
     """(engine, variant): every xnor ISA this CPU runs (fallbacks included), both int8 paths."""
     out = [("int8", "int_mm")] + ([("int8", "onednn")] if onednn_available() else [])
