@@ -49,6 +49,13 @@ def cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.C
     )
 
 
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The CLI's main() in this process, for commands that stop before any training: the
+    same error handling as `cli` without a process start (torch's import costs seconds)."""
+    code, out, err = run_cli(list(args), capsys)
+    return subprocess.CompletedProcess(["recu", *args], code, out, err)
+
+
 def popen(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "recu_cli", *args],
@@ -261,19 +268,19 @@ def test_strict_data_stops_at_the_first_bad_image_with_one_line(tmp_path, weight
     assert "error: unreadable image" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_bad_validation_image_stops_before_training(tmp_path, weights):
+def test_bad_validation_image_stops_before_training(tmp_path, weights, capsys):
     data = link_tree(tmp_path / "data", {"train": 4, "val": 2})
     files = bad_tree(data, "val")
     out = tmp_path / "out"
-    proc = cli(*train_args(data, out, "run", "--epochs", "1", "-j", "2"))
+    proc = in_process(capsys, *train_args(data, out, "run", "--epochs", "1", "-j", "2"))
     line = one_line_error(proc, 2, "unreadable image", "3 bad files")
     assert any(str(p) in line for p in files.values())
     assert not out.exists() or not any(out.iterdir())  # no run folder left behind
     # before step 0 and training, not after an epoch: the error line is all of stderr
     # (one_line_error), where the step-0 line and, with FAST's --log-interval 1, every
     # step would be echoed (a time bound would say less, and depend on the machine)
-    proc = cli("eval", "resnet20", "--weights", str(RESNET20_WEIGHTS), "--data", str(data))
-    line = one_line_error(proc, 2, "unreadable image")
+    args = ["eval", "resnet20", "--weights", str(RESNET20_WEIGHTS), "--data", str(data)]
+    line = one_line_error(in_process(capsys, *args), 2, "unreadable image")
     assert any(str(p) in line for p in files.values())
 
 
@@ -304,7 +311,7 @@ def test_kill_inside_epoch_one_resumes_to_the_bit(tiny, weights, tmp_path):
 ATTEMPTS = 3  # a kill that must land in a window of milliseconds: tries before failing
 
 
-def test_kill_before_the_first_resume_point_says_so(tmp_path, weights):
+def test_kill_before_the_first_resume_point_says_so(tmp_path, weights, capsys):
     # a larger val/ makes step 0 (two evaluations) last long enough to be caught
     data = link_tree(tmp_path / "data", {"train": 4, "val": 60})
     for attempt in range(ATTEMPTS):
@@ -324,7 +331,7 @@ def test_kill_before_the_first_resume_point_says_so(tmp_path, weights):
     else:
         pytest.fail(f"step 0 finished before the kill landed in all {ATTEMPTS} tries")
     before = snapshot(run)
-    proc = cli("binarize", "--resume", str(run))
+    proc = in_process(capsys, "binarize", "--resume", str(run))
     one_line_error(proc, 2, "stopped before its first resume point", "start it again")
     assert snapshot(run) == before
 
@@ -354,7 +361,7 @@ def kill_while_writing(run: Path, target: str, args: list[str]) -> bool:
         proc.communicate(timeout=60)
 
 
-def test_sigkill_during_checkpoint_writes_loses_nothing(tiny, weights, tmp_path):
+def test_sigkill_during_checkpoint_writes_loses_nothing(tiny, weights, tmp_path, capsys):
     """Kill the moment a temporary checkpoint file appears (resume.pt every step; the
     packed files at epoch ends); the folder must always resume to the same weights."""
     straight = cli(*train_args(tiny, tmp_path, "straight", "--epochs", "2", "-j", "0", "-q"))
@@ -371,7 +378,7 @@ def test_sigkill_during_checkpoint_writes_loses_nothing(tiny, weights, tmp_path)
         else:
             pytest.fail(f"no write of {target} was caught in the act in {ATTEMPTS} runs")
         for packed in run.glob("*.safetensors"):  # what is there is whole and verified
-            assert cli("info", str(packed)).returncode == 0
+            assert in_process(capsys, "info", str(packed)).returncode == 0
         saved = saved_position(run)
         resumed = cli("binarize", "--resume", str(run), "--keep-latent", "--seed", "3", "--json")
         assert resumed.returncode == 0, (target, resumed.stderr[-2000:])
@@ -493,18 +500,19 @@ def test_binarize_json_is_strict_when_no_binary_epoch_ran(tiny, weights, tmp_pat
 # ---------------------------------------------------------------- 7. output, 8. weights
 
 
-def test_output_problems_are_one_line_and_leave_nothing(tiny, weights, tmp_path):
-    proc = cli(*train_args(tiny, Path("/dev/null"), "run", "--epochs", "1"))
+def test_output_problems_are_one_line_and_leave_nothing(tiny, weights, tmp_path, capsys):
+    proc = in_process(capsys, *train_args(tiny, Path("/dev/null"), "run", "--epochs", "1"))
     one_line_error(proc, 2, "/dev/null/run", "a file is in the way")
     unwritable = Path("/proc/recu-test") if os.geteuid() == 0 else tmp_path / "ro" / "x"
     if os.geteuid() != 0:
         (tmp_path / "ro").mkdir()
         (tmp_path / "ro").chmod(0o500)
-    proc = cli(*train_args(tiny, unwritable, "run", "--epochs", "1"))
+    proc = in_process(capsys, *train_args(tiny, unwritable, "run", "--epochs", "1"))
     one_line_error(proc, 2, "cannot create run folder", "--output")
     out = tmp_path / "out"
     out.mkdir()
-    proc = cli(*train_args(tiny, out, "run", "--epochs", "1", "--teacher", "resnt20"))
+    args = train_args(tiny, out, "run", "--epochs", "1", "--teacher", "resnt20")
+    proc = in_process(capsys, *args)
     one_line_error(proc, 2, "--teacher", "did you mean resnet20")
     assert list(out.iterdir()) == []  # the failed start left no run folder
 
