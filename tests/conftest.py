@@ -18,14 +18,37 @@ CIFAR = SHARED_DATA / "cifar10"
 RESNET20_WEIGHTS = SHARED_DATA / "weights" / "resnet20-12fca82f.th"
 
 
+# CI (.ci/run) sets RECU_REQUIRE_SHARED=1: it has ../shared/data and installs
+# `.[dev,export,peers]` and a C++ toolchain, so there a test that would skip for want of
+# any of them fails instead; only what CI cannot have may skip.
+IN_CI = os.environ.get("RECU_REQUIRE_SHARED") == "1"
+
+
+def absent(what: str) -> None:
+    """Skip for want of `what`, naming it; fail in CI, which provides everything. Called at
+    a module's top, it skips (or fails) the whole module."""
+    if IN_CI:
+        pytest.fail(f"{what}, and RECU_REQUIRE_SHARED=1 (CI) requires it", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
 def require_shared(path: Path) -> Path:
     """Skip with a reason where ../shared/data is absent; fail when RECU_REQUIRE_SHARED=1."""
-    if path.exists():
-        return path
-    msg = f"{path} is absent (the real test data lives in ../shared/data beside the repo)"
-    if os.environ.get("RECU_REQUIRE_SHARED") == "1":
-        pytest.fail(msg + " and RECU_REQUIRE_SHARED=1 requires it")
-    pytest.skip(msg)
+    if not path.exists():
+        absent(f"{path} is absent (the real test data lives in ../shared/data beside the repo)")
+    return path
+
+
+def require_module(name: str, extra: str):
+    """The module, imported; else a skip naming the pip command (a failure in CI). Only an
+    ImportError means absent: any other error raised by the import (a broken install)
+    fails the test."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        absent(f"{name} cannot be imported ({e}): pip install -e \".[{extra}]\"")
 
 
 def link_tree(dst: Path, per_split: dict[str, int]) -> Path:

@@ -63,9 +63,25 @@ def test_fixed_tau_one_turns_recu_off() -> None:
     assert dead_weight_share(model) == 0.0
     layer = model.layer1[0].conv1
     model.train()
-    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    x = torch.randn(4, 3, 32, 32)
+    out_off = model(x)
+    out_off.sum().backward()
+    grad_off = layer.weight.grad.clone()
     qz = layer.quantize()
     assert math.isinf(qz.q.item())
+    assert torch.equal(qz.w2, qz.w1)  # nothing clamped
+    # tau changes only the backward pass (recu-method.md section 1): at 0.85 the same
+    # forward, but the clamped weights' gradient is cut, which changes every gradient
+    set_tau(model, 0.85)
+    model.zero_grad()
+    out_on = model(x)
+    out_on.sum().backward()
+    assert torch.equal(out_on, out_off)
+    qz = layer.quantize()
+    dead = layer.dead_mask()
+    assert 0.2 < dead.float().mean() < 0.5
+    assert torch.equal(qz.w2[dead].abs(), qz.q.expand_as(qz.w2)[dead])  # clamped to +-Q
+    assert not torch.allclose(layer.weight.grad, grad_off)
 
 
 def test_alpha_modes_differ_as_stated() -> None:

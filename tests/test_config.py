@@ -10,6 +10,7 @@ import pytest
 
 from recu_cli.binarize.tau import TAU_MAX, TAU_MIN
 from recu_cli.training.config import TrainConfig
+from tests.conftest import require_module
 from tests.test_cli_models import assert_one_line_error, run_cli
 
 
@@ -46,7 +47,7 @@ def test_recipe_fills_what_flags_do_not_give() -> None:
 
 
 def test_yaml_config_file_under_the_flags(tmp_path) -> None:
-    pytest.importorskip("yaml")
+    require_module("yaml", "dev")
     path = tmp_path / "run.yaml"
     path.write_text(
         "model: resnet20\ndata: demo\nepochs: 4\nlr: 0.005\nbatch-size: 32\n"
@@ -72,7 +73,7 @@ def test_yaml_config_file_under_the_flags(tmp_path) -> None:
     ],
 )
 def test_bad_config_file_is_one_line(capsys, tmp_path, text, fragment) -> None:
-    pytest.importorskip("yaml")
+    require_module("yaml", "dev")
     path = tmp_path / "run.yaml"
     path.write_text(text)
     code, _, err = run_cli(["binarize", "--config", str(path), "-o", str(tmp_path / "o")], capsys)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from recu_cli.binarize import BinaryConv2d, ReCUConv2d
 from recu_cli.blocks import BiRealBasicBlock, BiRealBottleneck
-from recu_cli.convert import ConvertConfig, convert_model, set_tau, to_deploy
+from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau, to_deploy
 from recu_cli.errors import RecuError
 from recu_cli.models import create_model
 from recu_cli.stats import dead_weight_share
@@ -119,13 +121,25 @@ def test_options_reach_the_layers_and_deploy_matches() -> None:
 
 
 def test_dead_weight_share_follows_tau() -> None:
-    model, _ = create_model("resnet20")
+    """The share of |W1| > Q(tau) is what the distribution of W1 says: 2 (1 - tau) for
+    Laplace weights (recu-method.md section 2), erfc(Q / (sigma sqrt 2)) for Gaussian ones
+    (Q / sigma = -ln(2 - 2 tau) sqrt(2 / pi), since b_hat = E|W1| = sigma sqrt(2 / pi)).
+    Tolerance 0.004: 267,264 weights (binomial sd 0.0009) standardized per filter of 144 to
+    576 (measured off by at most 0.0011 over three seeds)."""
+    torch.manual_seed(0)
+    model, _ = create_model("resnet20")  # random init: Gaussian (Kaiming normal) weights
     model, _ = convert_model(model)
     set_tau(model, 1.0)
     assert dead_weight_share(model) == 0.0
     set_tau(model, 0.85)
-    share = dead_weight_share(model)
-    assert 0.05 < share < 0.5
+    q_over_sigma = -math.log(2 - 2 * 0.85) * math.sqrt(2 / math.pi)
+    assert dead_weight_share(model) == pytest.approx(math.erfc(q_over_sigma / 2**0.5), abs=0.004)
+    with torch.no_grad():
+        for _, m in binary_layers(model):
+            m.weight.copy_(torch.distributions.Laplace(0.0, 1.0).sample(m.weight.shape))
+    for tau in (0.85, 0.9, 0.99):
+        set_tau(model, tau)
+        assert dead_weight_share(model) == pytest.approx(2 * (1 - tau), abs=0.004), tau
 
 
 def test_converting_twice_is_refused() -> None:

@@ -17,20 +17,16 @@ from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
 from recu_cli.models import ModelSpec
-from tests.conftest import CIFAR, REPO, cifar_batch, link_tree, require_shared
+from tests.conftest import CIFAR, REPO, cifar_batch, link_tree, require_module, require_shared
 from tests.test_cli_models import assert_one_line_error, run_cli
 
-onnx = pytest.importorskip("onnx", reason='export extras absent: pip install -e ".[export]"')
-ort = pytest.importorskip("onnxruntime", reason="the export extras are absent")
-pytest.importorskip("qonnx", reason="the export extras are absent")
+onnx = require_module("onnx", "export")
+ort = require_module("onnxruntime", "export")
+require_module("qonnx", "export")
 
 from recu_cli.export import onnx_graph, pt2, qonnx, verify  # noqa: E402
-from recu_cli.runtime import ext  # noqa: E402
+from tests.test_runtime import needs_xnor  # noqa: E402
 
-NO_TOOLCHAIN = ext.toolchain_problem()
-needs_xnor = pytest.mark.skipif(
-    NO_TOOLCHAIN is not None, reason=f"C++ toolchain absent: {NO_TOOLCHAIN}"
-)
 N_IMAGES = 500
 
 
@@ -94,9 +90,26 @@ def _reference(src: Path, x: torch.Tensor) -> np.ndarray:
         return load(src)(x).numpy()
 
 
+@pytest.fixture(scope="module")
+def val500_dir(tmp_path_factory) -> Path:
+    """val500's images (the first 50 of each class) as a folder, for `recu export --data`."""
+    return link_tree(tmp_path_factory.mktemp("val500"), {"val": N_IMAGES // 10})
+
+
+# The default graph (plain BatchNormalization/Conv/Mul nodes) rounds its float layers
+# otherwise than PyTorch in the last bit; an activation that lands within that bit of its
+# threshold flips its sign and moves that image. How many do is measured, not derived:
+# on these three checkpoints and 500 images at most MEASURED images changed argmax and at
+# most MEASURED_OUT left the 1e-4 tolerance (test machine, x86-64 AVX2; the counts depend
+# on the CPU's float kernels, so one image of margin). An export error (sign rule, bit
+# order, padding, threshold) moves nearly every image.
+DEFAULT_MAX_FLIPS = 3
+DEFAULT_MAX_OUT = 5
+
+
 @pytest.mark.parametrize("which", ["converted", "trained", "tuned"])
 def test_onnx_and_qonnx_match_recu_on_500_val_images(
-    capsys, checkpoints, val500, tmp_path, which
+    capsys, checkpoints, val500, val500_dir, tmp_path, which
 ) -> None:
     src = checkpoints[which]
     ref = _reference(src, val500)
@@ -107,9 +120,18 @@ def test_onnx_and_qonnx_match_recu_on_500_val_images(
         "qonnx": tmp_path / "m-qonnx.onnx",
     }
     for rounding in ([], ["--exact-rounding"]):
-        _export(capsys, src, files["onnx"], "--data", str(CIFAR), "--verify-batch", "16", *rounding)
+        _export(capsys, src, files["onnx"], "--data", str(val500_dir), "--verify-batch", "16",
+                *rounding)  # fmt: skip
         packed = _export(capsys, src, files["packed"], "--packed", *rounding)
-        _export(capsys, src, files["qonnx"], "--format", "qonnx", *rounding)
+        # the qonnx executor runs every node in an onnxruntime session of its own (minutes on
+        # the exact graph): run once, by the export's self-check on these 500 images, which
+        # compares with recu's logits as below (test_failed_qonnx_verification_writes_nothing
+        # shows that check refuses wrong logits)
+        report = _export(capsys, src, files["qonnx"], "--format", "qonnx",
+                         "--data", str(val500_dir), "--verify-batch", str(N_IMAGES), *rounding)
+        (qonnx_check,) = report["checks"]  # fmt: skip
+        assert qonnx_check["images"] == N_IMAGES
+        assert qonnx_check["inputs"].startswith(f"{N_IMAGES} val images of ")
         assert packed["bytes"] <= 1.15 * src.stat().st_size, packed
         for f in files.values():
             onnx.checker.check_model(onnx.load(str(f)), full_check=True)
@@ -117,19 +139,24 @@ def test_onnx_and_qonnx_match_recu_on_500_val_images(
             "onnx": verify.run_onnxruntime(files["onnx"], x),
             "onnx, default session": verify.run_onnxruntime(files["onnx"], x, exact=False),
             "packed": verify.run_onnxruntime(files["packed"], x),
-            "qonnx": qonnx.run(files["qonnx"], x),
         }
-        for name, out in outs.items():
-            check = verify.compare(ref, out, name, f"{N_IMAGES} val images")
-            print(which, rounding, check.line())
-            assert check.argmax_agree >= 0.99 * N_IMAGES, check
-            assert check.within_tolerance >= 0.98 * N_IMAGES, check
+        checks = {
+            name: verify.compare(ref, out, name, f"{N_IMAGES} val images").to_dict()
+            for name, out in outs.items()
+        }
+        checks["qonnx"] = qonnx_check
+        for name, check in checks.items():
+            print(which, rounding, name, check["argmax_agree"], check["within_tolerance"],
+                  check["max_abs_diff"])  # fmt: skip
             if rounding:
                 # strict for every checkpoint, median thresholds included: the float layers
                 # round as in PyTorch (export/exact.py), so no sign flips and only the
                 # classifier's sum order is left (~1e-6)
-                assert check.argmax_agree == N_IMAGES, check
-                assert np.abs(out - ref).max() < 1e-4, check
+                assert check["argmax_agree"] == N_IMAGES, (name, check)
+                assert check["max_abs_diff"] < 1e-4, (name, check)
+            else:
+                assert check["argmax_agree"] >= N_IMAGES - DEFAULT_MAX_FLIPS, (name, check)
+                assert check["within_tolerance"] >= N_IMAGES - DEFAULT_MAX_OUT, (name, check)
 
 
 def test_every_sign_input_is_bit_identical_with_pytorch(checkpoints, val500, tmp_path) -> None:
@@ -365,8 +392,7 @@ def test_pt2_program_calls_the_custom_op_and_fakes_pass_opcheck(checkpoints) -> 
 
 
 def test_timm_resnet18_runs_in_onnxruntime_and_openvino(capsys, tmp_path) -> None:
-    ov = pytest.importorskip("openvino", reason="the export extras are absent")
-    assert ov is not None
+    require_module("openvino", "export")
     src, out = tmp_path / "r18.safetensors", tmp_path / "r18.onnx"
     code, _, err = run_cli(["convert", "resnet18", "-o", str(src)], capsys)
     assert code == 0, err
@@ -419,6 +445,24 @@ def test_missing_extra_names_the_install_command(capsys, monkeypatch, checkpoint
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     code, _, err = run_cli(["export", str(checkpoints["converted"]), "-o", str(out)], capsys)
     assert_one_line_error(code, err, "onnxruntime", "pip install", exit_code=1)
+    _nothing_written(out)
+
+
+def test_failed_qonnx_verification_writes_nothing(capsys, monkeypatch, checkpoints, tmp_path):
+    """The qonnx self-check compares the executor's logits with recu's: logits that are
+    close but not the model's (off by 1e-2) are refused, so a passing check is evidence."""
+    out = tmp_path / "m.onnx"
+
+    def off(path, x):
+        from recu_cli.pack import load
+
+        with torch.no_grad():
+            return load(checkpoints["converted"])(torch.from_numpy(x)).numpy() + 1e-2
+
+    monkeypatch.setattr(qonnx, "run", off)
+    args = ["export", str(checkpoints["converted"]), "-o", str(out), "--format", "qonnx"]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "does not reproduce", "qonnx", exit_code=1)
     _nothing_written(out)
 
 

@@ -236,7 +236,9 @@ def test_fp_layers_int8_is_close_and_calibrated(resnet20_weights) -> None:
     stem = fast.conv1.conv  # FusedStem(Int8Conv2d, tail)
     assert stem.x_scale * 255 >= float(images[100:].max() - images[100:].min()) * 0.999
     agree = (out.argmax(1) == exact[:100].argmax(1)).float().mean().item()
-    assert agree >= 0.9, f"int8 float layers changed {100 - 100 * agree:.0f}% of predictions"
+    # measured: 96 of these 100 predictions kept (the same with 32 or 50 calibration
+    # images); one image of margin for other CPUs' quantized kernels
+    assert agree >= 0.95, f"int8 float layers changed {100 - 100 * agree:.0f}% of predictions"
     assert not torch.equal(out, exact[:100])  # it really runs in int8
 
 
@@ -253,16 +255,18 @@ def test_eval_runtime_cli_nhwc_and_int8_float_layers(tmp_path, capsys, resnet20_
     the same layout; --fp-layers int8 runs, calibrated, and only with a runtime engine."""
     import json
 
-    from tests.conftest import CIFAR, require_shared
+    from recu_cli.data import build_data, calibration_images
+    from recu_cli.pack import load, read_spec
+    from tests.conftest import link_tree
     from tests.test_cli_models import assert_one_line_error, run_cli
 
-    require_shared(CIFAR)
+    data = link_tree(tmp_path / "data", {"train": 4, "val": 10})  # real images, every class
     packed = tmp_path / "r20.safetensors"
     code, _, err = run_cli(
         ["convert", "resnet20", "--weights", str(resnet20_weights), "-o", str(packed)], capsys
     )
     assert code == 0, err
-    common = ["--data", str(CIFAR), "--max-batches", "1", "-b", "100", "-j", "0", "--json"]
+    common = ["--data", str(data), "-b", "100", "-j", "0", "--json"]
 
     def top1(*extra: str) -> dict:
         code, out, err = run_cli(["eval", str(packed), *common, *extra], capsys)
@@ -273,7 +277,20 @@ def test_eval_runtime_cli_nhwc_and_int8_float_layers(tmp_path, capsys, resnet20_
     fast = top1("--runtime", "xnor")
     assert fast["top1"] == torch_nhwc["top1"] and fast["loss"] == torch_nhwc["loss"]
     int8 = top1("--runtime", "xnor", "--fp-layers", "int8", "--calib-images", "32")
-    assert int8["images"] == 100 and 0.0 <= int8["top1"] <= 100.0
+    # the same: the runtime built here on the 32 training images eval says it calibrates on
+    spec = read_spec(packed)
+    bundle = build_data(str(data), spec, train=True)
+    calibration = list(calibration_images(bundle, 32, seed=0).split(64))
+    model = to_runtime(load(packed), "xnor", channels_last=True, fp_layers="int8",
+                       calibration=calibration)  # fmt: skip
+    xs, ys = zip(*(bundle.val[i] for i in range(len(bundle.val))), strict=True)
+    with torch.no_grad():
+        logits = model(torch.stack(xs).contiguous(memory_format=NHWC))
+    right = int((logits.argmax(1) == torch.tensor(ys)).sum())
+    assert int8["images"] == 100 and int8["top1"] == pytest.approx(100 * right / len(ys))
+    loss = nn.functional.cross_entropy(logits, torch.tensor(ys)).item()
+    assert int8["loss"] == pytest.approx(loss, rel=1e-5)
+    assert int8["loss"] != fast["loss"]  # int8 float layers really ran
     code, _, err = run_cli(["eval", str(packed), *common, "--fp-layers", "int8"], capsys)
     assert_one_line_error(code, err, "--fp-layers applies to --runtime")
     code, _, err = run_cli(["eval", str(packed), *common, "--runtime", "xnor",

@@ -62,12 +62,21 @@ def test_is_an_nn_prelu_with_the_same_state() -> None:
 def test_no_grad_and_frozen_paths_use_plain_prelu() -> None:
     ref, ours = pair(3)
     x = torch.randn(2, 3, 4, 4)
+    x[0, 0, 0, :2] = torch.tensor([0.0, -0.0])  # the x > 0 edge
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
-    ours.weight.requires_grad_(False)
-    xr = x.clone().requires_grad_(True)
-    ours(xr).sum().backward()
-    assert torch.isfinite(xr.grad).all()
+    for m in (ref, ours):
+        m.weight.requires_grad_(False)  # frozen slopes: only the input's gradient
+    g = torch.randn(2, 3, 4, 4)
+    outs = []
+    for m in (ref, ours):
+        xr = x.clone().requires_grad_(True)
+        y = m(xr)
+        (gx,) = torch.autograd.grad(y, (xr,), g)
+        outs.append((y, gx))
+    (y_ref, gx_ref), (y, gx) = outs
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)  # ATen's, bit for bit
+    assert ours.weight.grad is None
 
 
 def test_bf16_autocast_step() -> None:

@@ -16,12 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from recu_cli.training import SUMMARY_FIELDS, TrainConfig, Trainer, TrainingStopped
+from tests.resume_checks import assert_continued, assert_fresh_run, saved_position
 from tests.test_cli_models import assert_one_line_error, run_cli
 
 RUN_ARGS = [
     "--recipe", "paper", "--epochs", "2", "-b", "16", "--log-interval", "1", "--seed", "7",
     "-j", "0",
 ]  # fmt: skip
+TOTAL_STEPS = 2 * (120 // 16)  # small_cifar: 120 training images; the last partial batch drops
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +77,22 @@ def test_short_run_writes_every_output(capsys, small_cifar, resnet20_weights, tm
     )
     assert 0.0 < float(rows[0]["dead_share"]) < 0.5
     assert float(rows[0]["flip_rate"]) > 0  # weights trained and changed sign
-    assert result["epochs"] == 2 and result["final"]["val_top1"] >= 0
+    final = result["final"]
+    assert result["epochs"] == 2
+    assert final["val_top1"] == pytest.approx(float(rows[1]["val_top1"]), rel=1e-5)  # 6 digits
+    # the packed checkpoint is the model that was validated: `recu eval` counts as many
+    # right answers on the same images
+    assert packed_top1(run / "last.safetensors", str(small_cifar), capsys) == final["val_top1"]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["model"] == "resnet20" and cfg["model"]["num_classes"] == 10
+
+
+def packed_top1(packed: Path, data: str, capsys) -> float:
+    """Top-1 of `recu eval PACKED --data DATA` (its validation images, as training's)."""
+    capsys.readouterr()
+    code, out, err = run_cli(["eval", str(packed), "--data", data, "-j", "0", "--json"], capsys)
+    assert code == 0, err
+    return json.loads(out)["top1"]
 
 
 def test_interrupted_run_resumes_bit_identically(
@@ -86,10 +101,10 @@ def test_interrupted_run_resumes_bit_identically(
     # the PIL path: its loader workers must not change the result (the resident path is
     # resumed in test_trust.py)
     pil = ("--data-path", "pil")
-    code, _, _ = run_cli(
-        binarize_args(small_cifar, tmp_path, resnet20_weights, "straight", *pil), capsys
-    )
+    args = binarize_args(small_cifar, tmp_path, resnet20_weights, "straight", "--json", *pil)
+    code, out, _ = run_cli(args, capsys)
     assert code == 0
+    assert_fresh_run(tmp_path / "straight", TOTAL_STEPS, json.loads(out))
     # the same run, interrupted by a real SIGINT in its first epoch, then resumed
     args = binarize_args(small_cifar, tmp_path, resnet20_weights, "broken", "-j", "1", *pil)
     proc = subprocess.Popen(
@@ -108,8 +123,11 @@ def test_interrupted_run_resumes_bit_identically(
     assert "resume point saved" in err and "Traceback" not in err
     broken = tmp_path / "broken"
     assert not (broken / "last.safetensors").exists()  # interrupted before any epoch ended
-    code, _, _ = run_cli(["binarize", "--resume", str(broken), "--quiet"], capsys)
+    saved = saved_position(broken)
+    assert saved["epoch"] == 1 and saved["step_in_epoch"] >= 3  # Ctrl-C after step 3
+    code, out, _ = run_cli(["binarize", "--resume", str(broken), "--json"], capsys)
     assert code == 0
+    assert_continued(broken, saved, TOTAL_STEPS, json.loads(out))
     a, b = final_state(tmp_path / "straight"), final_state(broken)
     assert a.keys() == b.keys()
     for k in a:
@@ -122,6 +140,7 @@ def test_interrupted_run_resumes_bit_identically(
 
 
 DDP_ARGS = ("--epochs", "1", "-b", "8")
+DDP_STEPS = 120 // 2 // 8  # each rank: its half of the 120 images, batches of 8
 VOLATILE = {"seconds", "img_per_s"}  # wall-clock columns of summary.csv
 
 
@@ -187,6 +206,8 @@ def test_two_process_run_interrupted_by_ctrl_c_resumes_exactly(
     broken = tmp_path / "broken"
     assert "resume point saved" in err, err[-3000:]
     assert (broken / "resume.pt").is_file() and not (broken / "last.safetensors").exists()
+    saved = saved_position(broken)
+    assert saved["epoch"] == 1 and saved["step_in_epoch"] >= 2  # Ctrl-C after step 2
 
     proc = subprocess.run(
         torchrun(["binarize", "--resume", str(broken), "--quiet"]),
@@ -195,6 +216,8 @@ def test_two_process_run_interrupted_by_ctrl_c_resumes_exactly(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary_rows(broken) == summary_rows(straight)
     assert digests(proc.stdout) == digests(straight_out)
+    assert_fresh_run(straight, DDP_STEPS)
+    assert_continued(broken, saved, DDP_STEPS)  # rank 0's count; the ranks step together
 
     code, _, msg = run_cli(["binarize", "--resume", str(broken), "--quiet"], capsys)
     assert_one_line_error(code, msg, "2 process", "nproc_per_node 2")
@@ -269,23 +292,27 @@ def test_demo_data_is_built_in(capsys, tmp_path) -> None:
     assert code == 0
     result = json.loads(out)
     assert Path(result["last"]).is_file()
-    assert result["final"]["val_top1"] >= 0
+    # the training's validation and `recu eval` of the packed file: the same answers (the
+    # demo's validation images are shipped with recu, so this needs no shared data)
+    assert packed_top1(Path(result["last"]), "demo", capsys) == result["final"]["val_top1"]
 
 
-def test_imagenet_model_gets_a_new_head_and_no_self_distillation(
-    capsys, small_cifar, tmp_path
-) -> None:
-    """timm resnet18 (1000 classes) fine-tuned on 10 classes: new head, teacher self is off."""
+def test_imagenet_model_gets_a_new_head_and_no_self_distillation(capsys, tmp_path) -> None:
+    """timm resnet18 (1000 classes) fine-tuned on 10 classes: new head, teacher self is off.
+    (One step on one image per class: at 224 px each image costs what 50 CIFAR ones do.)"""
     from safetensors.torch import save_file
 
     from recu_cli.models import create_model
+    from tests.conftest import link_tree
 
+    data = link_tree(tmp_path / "data", {"train": 1, "val": 1})
     model, _ = create_model("resnet18")
     weights = tmp_path / "r18.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     args = [
-        "binarize", "resnet18", "--weights", str(weights), "--data", str(small_cifar),
-        "--max-steps", "2", "-b", "16", "-j", "0", "-o", str(tmp_path), "--experiment", "r18",
+        "binarize", "resnet18", "--weights", str(weights), "--data", str(data),
+        "--max-steps", "1", "-b", "4", "-j", "0", "--no-step0-eval", "-o", str(tmp_path),
+        "--experiment", "r18",
     ]  # fmt: skip
     code, _, err = run_cli(args, capsys)
     assert code == 0, err

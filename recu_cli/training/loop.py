@@ -31,6 +31,7 @@ class EpochLoop:
         self, cfg: TrainConfig, info: DistInfo, parts: Parts, state: TrainState, run: RunFolder
     ) -> None:
         self.cfg, self.info, self.parts, self.state, self.run = cfg, info, parts, state, run
+        self.steps_run = 0  # steps this process took (not saved: a resume starts at 0)
 
     def run_epochs(self, progress: Progress, stop: StopOnSigint) -> None:
         """To the end of the run; on an agreed Ctrl-C, a resume point and TrainingStopped."""
@@ -108,6 +109,7 @@ class EpochLoop:
             if images.shape[0] == 0:  # every image of this batch was unreadable
                 pos.step_in_epoch += 1
                 pos.global_step += 1
+                self.steps_run += 1
                 continue
             if cfg.tau_update == "step":
                 set_tau(parts.model, tau_at(cfg, steps_per_epoch, epoch, pos.step_in_epoch))
@@ -116,6 +118,7 @@ class EpochLoop:
             steps_here += 1
             pos.step_in_epoch += 1
             pos.global_step += 1
+            self.steps_run += 1
             state.scheduler.step_update(pos.global_step - state.stage_start_step)
             state.metrics.add(loss, images.shape[0], pos.step_in_epoch)
             progress.update(task, advance=1)

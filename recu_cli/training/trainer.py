@@ -106,6 +106,9 @@ class Trainer:
                 self.state.step0 = self._start_model(self.parts.original)
         self.parts.original = None
         self.parts.fast = make_fast_step(cfg, self.info, self.parts, log)
+        # where this process starts training (the result's `resumed_from`): the proof that
+        # a resume continued the run instead of training it again from step 1
+        self.resumed_from = self._where() if self.resuming else None
         self._enter_stage(stage_of(cfg, self.state.pos.epoch), switching=False)
         if not self.resuming:
             self.loop.save_resume()  # the first resume point: a kill from here on loses little
@@ -158,6 +161,16 @@ class Trainer:
             f"resuming {self.run_dir} at epoch {pos.epoch + 1}, step "
             f"{pos.step_in_epoch} (global step {pos.global_step})"
         )
+
+    def _where(self) -> dict[str, int]:
+        """The position as train.log words it: the epoch it is in (from 1), the steps of
+        that epoch already taken, the steps of the run already taken."""
+        pos = self.state.pos
+        return {
+            "epoch": pos.epoch + 1,
+            "step_in_epoch": pos.step_in_epoch,
+            "global_step": pos.global_step,
+        }
 
     def _load_scaler(self, saved: dict[str, Any]) -> None:
         """An empty state comes from a scaler that was off (bf16, fp32, or a machine
@@ -228,10 +241,19 @@ class Trainer:
         best = max((r["val_top1"] for r in binary_rows), default=float("nan"))
         skipped = max((int(r.get("skipped_images", 0)) for r in history), default=0)
         final = history[-1] if history else {}
+        steps_run = self.loop.steps_run
+        start = self.resumed_from
         self.run.log(
             f"done: {len(history)} epochs, last val top-1 "
             f"{final.get('val_top1', float('nan')):.2f}%, best {best:.2f}%"
-            + (f", {skipped} unreadable training images skipped" if skipped else ""),
+            + (f", {skipped} unreadable training images skipped" if skipped else "")
+            + f"; this process ran {steps_run} steps"
+            + (
+                f" from epoch {start['epoch']} step {start['step_in_epoch']} "
+                f"(global step {start['global_step']})"
+                if start
+                else ""
+            ),
             echo=False,
         )
         return {
@@ -243,4 +265,6 @@ class Trainer:
             "best": self.run.checkpoint("best"),
             "step0": self.state.step0,
             "skipped_images": skipped,
+            "resumed_from": start,
+            "steps_run": steps_run,
         }
