@@ -195,11 +195,14 @@ def check_value(d: Declared, value: Any, source: str = "") -> Any:
     value = _typed(d, value, bad)
     s = d.setting
     if d.kind in ("int", "float"):
-        top = s.max if s.max is not None else (INT64_MAX if d.kind == "int" else None)
+        explicit = s.max is not None
+        top = s.max if explicit else (INT64_MAX if d.kind == "int" else None)
         low_ok = s.min is None or (value > s.min if s.above else value >= s.min)
         high_ok = top is None or (value < top if s.below else value <= top)
-        if not (low_ok and high_ok):
-            raise bad(f"must be {_bounds(s.min, top, s.above, s.below)}")
+        if not low_ok or (not high_ok and explicit):
+            raise bad(f"must be {_bounds(d)}")
+        if not high_ok:
+            raise bad(f"must be at most {top}")
     if s.choices and value not in s.choices:
         raise bad(f"must be one of {', '.join(s.choices)}")
     if s.pattern and not re.fullmatch(s.pattern, value):
@@ -249,15 +252,17 @@ def _typed(d: Declared, value: Any, bad: Callable[[str], RecuError]) -> Any:
     return tuple(value)
 
 
-def _bounds(lo: float | None, hi: float | None, above: bool, below: bool) -> str:
-    if lo is not None and hi is not None and hi != INT64_MAX:
-        return f"in {'(' if above else '['}{lo:g}, {hi:g}{')' if below else ']'}"
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>' if above else '>='} {lo:g}")
-    if hi is not None:
-        parts.append(f"{'<' if below else '<='} {hi if hi == INT64_MAX else format(hi, 'g')}")
-    return " and ".join(parts)
+def _bounds(d: Declared) -> str:
+    s = d.setting
+
+    def num(x: float) -> str:
+        return str(int(x)) if d.kind == "int" else f"{x:g}"
+
+    if s.min is not None and s.max is not None:
+        return f"in {'(' if s.above else '['}{num(s.min)}, {num(s.max)}{')' if s.below else ']'}"
+    if s.min is not None:
+        return f"{'>' if s.above else '>='} {num(s.min)}"
+    return f"{'<' if s.below else '<='} {num(s.max)}"
 
 
 def _shown(value: Any) -> str:

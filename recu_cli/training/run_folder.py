@@ -235,7 +235,7 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         )
     try:
         payload = json.loads(path.read_text())
-        return TrainConfig.from_dict(payload["train"])
+        return TrainConfig.from_dict(payload["train"], source=str(path))
     except (ValueError, KeyError, TypeError) as e:
         raise RecuError(f"{path} is damaged ({e}); start a new run") from e
 
