@@ -44,6 +44,8 @@ CONVERT_FLAGS = {
     "--weights", "--workers", "-b", "-d", "-j", "-o", "-w",
 }  # fmt: skip
 COMMAND_ONLY = {"binarize": {"config", "resume", "json_out", "quiet"}}
+# appended to bad input: if a check ever lets it through, the run is short, not 6 epochs
+SHORT = ["--max-steps", "1", "--no-step0-eval", "-j", "0", "--calib-images", "8", "-b", "8"]
 
 
 def command(name: str) -> Any:
@@ -286,7 +288,8 @@ def test_bad_yaml_value_is_one_line_naming_the_flag(tmp_path, capsys, line, frag
     pytest.importorskip("yaml")
     path = tmp_path / "run.yaml"
     path.write_text(f"model: resnet20\ndata: demo\n{line}\n")
-    code, _, err = run_cli(["binarize", "--config", str(path), "-o", str(tmp_path / "o")], capsys)
+    args = ["binarize", "--config", str(path), "-o", str(tmp_path / "o"), *SHORT]
+    code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, fragment)
     if "must be" in fragment:
         assert str(path) in err  # the file is named
@@ -306,7 +309,8 @@ def test_bad_yaml_value_is_one_line_naming_the_flag(tmp_path, capsys, line, frag
 def test_bad_json_or_binary_file_is_one_line(tmp_path, capsys, content, fragment) -> None:
     path = tmp_path / "run.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    code, _, err = run_cli(["binarize", "--config", str(path), "-o", str(tmp_path / "o")], capsys)
+    args = ["binarize", "--config", str(path), "-o", str(tmp_path / "o"), *SHORT]
+    code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, fragment, str(path))
     assert not (tmp_path / "o").exists()
 
@@ -325,8 +329,8 @@ def test_bad_json_or_binary_file_is_one_line(tmp_path, capsys, content, fragment
     ],
 )
 def test_bad_flag_value_is_one_line(tmp_path, capsys, extra, fragment) -> None:
-    code, _, err = run_cli(["binarize", "resnet20", "--data", "demo", "-o", str(tmp_path / "o"),
-                            *extra], capsys)  # fmt: skip
+    args = ["binarize", "resnet20", "--data", "demo", "-o", str(tmp_path / "o"), *SHORT]
+    code, _, err = run_cli([*args, *extra], capsys)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "o").exists()
 
