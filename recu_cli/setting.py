@@ -10,7 +10,8 @@ Plain Python (no torch, no Typer): `recu binarize --help` reads it at start-up.
 How to add a setting (one place):
 
 1. Add a field to `TrainConfig` (training/config.py), or to `ConvertConfig`
-   (convert_config.py) when it belongs to the conversion stored in packed files::
+   (convert_config.py) when it belongs to the conversion stored in packed files (a new
+   key there: docs/format.md)::
 
        compile: str = setting("auto", "Compile the model: auto, on or off.",
                               choices=("auto", "on", "off"), resume=EXECUTION)
@@ -22,13 +23,18 @@ How to add a setting (one place):
    are enforced for the flag, a --config file, config.json on --resume and Python callers
    alike, with the flag's name in the one-line error. `resume=`: FIXED (default: --resume
    refuses a changed value), EXECUTION (may change: it does not change the result), LONGER
-   (may grow). `path=True` stores a path absolute. `panel=` groups it in --help.
+   (may grow). `path=True` stores a path absolute. `panel=` groups it in --help. Rarer:
+   `off=` for a switch that turns a bool off (--plain-sign), `cli=False` for config files
+   only, `auto=` for values resolved when a run starts (--amp-dtype auto).
 2. Read it where the run needs it (`cfg.compile`). The flag, --help, config files,
-   config.json, the checks and the resume rule need nothing more.
+   config.json, the checks and the resume rule need nothing more: `recu binarize` shows
+   every TrainConfig and ConvertConfig setting, `recu convert` every ConvertConfig one
+   (`skip=` in a command's `setting_parameters` leaves one out).
 3. A recipe lever: give the field the default None (= "the recipe's value") and its value
    in every recipe of `recipes.RECIPES` (tests check that each recipe sets each lever).
 4. A rule that ties several settings together goes into `TrainConfig.validate()`.
-5. Say it in docs/usage.md.
+5. Say it in docs/usage.md. tests/test_settings.py then checks the new flag against the
+   declaration (and refuses a flag that is not a declared setting).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -133,7 +139,7 @@ def declared(cls: type) -> dict[str, Declared]:
         kind, optional = _kind(hints[f.name])
         if kind == "nested":
             for key, d in declared(_nested(hints[f.name])).items():
-                out[f"{f.name}.{key}"] = Declared(f"{f.name}.{key}", *_rest(d))
+                out[f"{f.name}.{key}"] = replace(d, key=f"{f.name}.{key}")
             continue
         if "setting" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} has no setting() declaration")
@@ -141,6 +147,7 @@ def declared(cls: type) -> dict[str, Declared]:
     return out
 
 
+@cache
 def nested_fields(cls: type) -> dict[str, type]:
     """Fields that hold another settings dataclass: {'convert': ConvertConfig}."""
     hints = typing.get_type_hints(cls)
@@ -149,13 +156,16 @@ def nested_fields(cls: type) -> dict[str, type]:
     }
 
 
+@cache
 def by_param(cls: type) -> dict[str, Declared]:
     """The settings that have a flag, by the command parameter's name."""
-    return {d.param: d for d in declared(cls).values() if d.setting.cli}
-
-
-def _rest(d: Declared) -> tuple[str, bool, Any, Setting]:
-    return d.kind, d.optional, d.default, d.setting
+    out: dict[str, Declared] = {}
+    for d in declared(cls).values():
+        if d.setting.cli:
+            if d.param in out:
+                raise TypeError(f"{d.key} and {out[d.param].key} have the same flag {d.flag}")
+            out[d.param] = d
+    return out
 
 
 def _kind(tp: Any) -> tuple[str, bool]:

@@ -117,11 +117,12 @@ def _resumed(run_dir: Path, given: dict[str, Any], quiet: bool):
     from recu_cli.training.trainer import Trainer
 
     saved = load_run_config(run_dir)
-    # settings and --config; --json, --quiet and --resume itself change nothing
+    # the settings typed, and --config (refused); --json and --quiet change nothing
     given = {
-        k: v for k, v in given.items() if k in by_param(TrainConfig) or k == "config"
+        k: v
+        for k, v in given.items()
+        if (k in by_param(TrainConfig) or k == "config") and k not in ("model", "data")
     }
-    given = {k: v for k, v in given.items() if k not in ("model", "data")}
     # torchrun's WORLD_SIZE: a resume with another number of processes is refused first
     done = read_position(run_dir, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     cfg, changes = apply_resume_flags(saved, given, str(run_dir), done)
