@@ -178,9 +178,7 @@ class TrainConfig:
     )
     # the conversion (ConvertConfig's fields appear here), calibration and step 0
     convert: ConvertConfig = None  # type: ignore[assignment]
-    calib_images: int = setting(
-        256, "Training images for calibration.", min=1, panel=CONVERSION
-    )
+    calib_images: int = setting(256, "Training images for calibration.", min=1, panel=CONVERSION)
     bn_recalib: int | None = setting(
         None,
         "Re-estimate BatchNorm statistics on N training batches after the last step.",
@@ -273,12 +271,8 @@ class TrainConfig:
         path=True,
         panel=RUN,
     )
-    experiment: str | None = setting(
-        None, "Run folder name (default: time-model).", panel=RUN
-    )
-    half: bool = setting(
-        False, "Store full-precision tensors as fp16 in checkpoints.", panel=RUN
-    )
+    experiment: str | None = setting(None, "Run folder name (default: time-model).", panel=RUN)
+    half: bool = setting(False, "Store full-precision tensors as fp16 in checkpoints.", panel=RUN)
     keep_latent: bool = setting(False, "Store latent weights in checkpoints.", panel=RUN)
 
     def __post_init__(self) -> None:
