@@ -7,52 +7,110 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from recu_cli.errors import RecuError
 from recu_cli.fields import FieldError
+from recu_cli.setting import check_fields, declared, from_params, setting
 
 ACTIVATIONS = ("hardtanh", "prelu", "identity")  # sign-friendly activations (blocks.py)
 ALPHA_MODES = ("learned", "analytic")  # ReCUConv2d's alpha (binarize/layers.py)
 THRESHOLD_MODES = ("zero", "learned", "median")
-# JSON types a field's annotation accepts (bool is an int in Python, refused for numbers)
+# JSON types a field's kind accepts in a packed file (bool is an int in Python: refused)
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "float": (int, float), "bool": (bool,)}
+
+
+CONVERSION = "Conversion (ReCU)"
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    """The conversion recipe: stored in every packed file, enough to rebuild the tree."""
+    """The conversion recipe: stored in every packed file, enough to rebuild the tree.
 
-    keep: tuple[str, ...] = ()
-    activation: str = "hardtanh"
-    b_star: float = 2.0
-    tau: float = 1.0
-    alpha_init: str = "pretrained"
-    alpha_mode: str = "learned"
-    standardize: bool = True
-    clamp: bool = True
-    rescale_activations: bool = True
-    bireal: bool = True
+    Each field is declared once (recu_cli/setting.py says how to add one): `recu convert`'s
+    flags, `recu binarize`'s conversion flags and `convert:` in config files read it."""
+
+    keep: tuple[str, ...] = setting(
+        (),
+        "fnmatch pattern of layer names to keep full precision (repeatable), e.g. 'layer4.*'.",
+        panel=CONVERSION,
+    )
+    activation: str = setting(
+        "hardtanh",
+        "Sign-friendly activation that replaces ReLU.",
+        flags=("--act",),
+        choices=ACTIVATIONS,
+        panel=CONVERSION,
+    )
+    b_star: float = setting(
+        2.0,
+        "Laplace scale of the standardized weights (the paper's b*).",
+        min=0.0,
+        above=True,
+        panel=CONVERSION,
+    )
+    tau: float = setting(
+        1.0,
+        "tau recorded in the layers (1 = no clamp).",
+        min=0.5,
+        above=True,
+        max=1.0,
+        panel=CONVERSION,
+    )
+    alpha_init: str = setting(
+        "pretrained",
+        "'pretrained' (mean |W - mean| per channel) or 'random' (reference U[0,1)).",
+        choices=("pretrained", "random"),
+        panel=CONVERSION,
+    )
+    alpha_mode: str = setting(
+        "learned",
+        "'learned' per-channel scale (authors' code) or 'analytic' E|ReCU(W)| (paper).",
+        choices=ALPHA_MODES,
+        panel=CONVERSION,
+    )
+    standardize: bool = setting(
+        True,
+        "Ablation: skip per-filter weight standardization.",
+        flags=("--no-standardize",),
+        off=(),
+        panel=CONVERSION,
+    )
+    clamp: bool = setting(
+        True,
+        "Baseline: plain sign(W), no standardization and no ReCU clamp.",
+        flags=("--plain-sign",),
+        off=(("standardize", False),),
+        panel=CONVERSION,
+    )
+    rescale_activations: bool = setting(
+        True,
+        "Per-sample A / std(A) before each sign in training (config files only).",
+        cli=False,
+    )
+    bireal: bool = setting(
+        True, "Rewrite ResNet blocks as Bi-Real blocks (config files only).", cli=False
+    )
     # activation thresholds before each binary conv: "zero" (the paper: sign(x)), or a
     # learnable sign(x - beta) starting at 0 ("learned") or at the channel median ("median")
-    act_threshold: str = "zero"
+    act_threshold: str = setting(
+        "zero",
+        "Threshold before each sign: zero (paper: sign(x)), learned (from 0), median "
+        "(learned, starting at each channel's median over --calib-images training images).",
+        choices=THRESHOLD_MODES,
+        panel=CONVERSION,
+    )
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise RecuError(f"--act must be one of {', '.join(ACTIVATIONS)}")
-        if self.alpha_init not in ("pretrained", "random"):
-            raise RecuError("--alpha-init must be 'pretrained' or 'random'")
-        if self.alpha_mode not in ALPHA_MODES:
-            raise RecuError(f"--alpha-mode must be one of {', '.join(ALPHA_MODES)}")
-        if self.act_threshold not in THRESHOLD_MODES:
-            raise RecuError(f"--act-threshold must be one of {', '.join(THRESHOLD_MODES)}")
-        if not self.b_star > 0:
-            raise RecuError(f"--b-star must be positive, got {self.b_star}")
-        if not 0.5 < self.tau <= 1.0:
-            raise RecuError(f"tau must be in (0.5, 1], got {self.tau}")
+        check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["keep"] = list(self.keep)
         return d
+
+    @classmethod
+    def from_flags(cls, **params: Any) -> ConvertConfig:
+        """The conversion that command flags ask for, by parameter name (act, b_star,
+        no_standardize, plain_sign, ...; None = not given: the default)."""
+        return cls(**from_params(cls, params))
 
     @classmethod
     def from_dict(cls, d: Any) -> ConvertConfig:
@@ -90,34 +148,14 @@ def _check(d: Any) -> None:
             "unknown option",
             sorted(str(k)[:40] for k in unknown),
         )
-    for f in fields(ConvertConfig):
-        if f.name not in d or f.name == "keep":
+    for name, decl in declared(ConvertConfig).items():
+        if name not in d or name == "keep":
             continue
-        v, types = d[f.name], _JSON_TYPES[str(f.type)]
+        v, types = d[name], _JSON_TYPES[decl.kind]
         if not isinstance(v, types) or (bool not in types and isinstance(v, bool)):
-            raise _bad(f"'{f.name}' has the wrong type")
+            raise _bad(f"'{name}' has the wrong type")
         if isinstance(v, float) and not math.isfinite(v):
-            raise _bad(f"'{f.name}' is not finite")
+            raise _bad(f"'{name}' is not finite")
     keep = d.get("keep", [])
     if not (isinstance(keep, (list, tuple)) and all(isinstance(p, str) for p in keep)):
         raise _bad("'keep' is not a list of patterns")
-
-
-# command parameter -> ConvertConfig field, where the flag's name is not the field's
-OPTION_ALIASES = {"act": "activation"}
-
-
-def convert_options(params: dict[str, Any]) -> dict[str, Any]:
-    """ConvertConfig fields named by command parameters (None: not set); the ablation
-    switches --no-standardize and --plain-sign turn parts of ReCU's weight path off."""
-    names = set(ConvertConfig.__dataclass_fields__)
-    out = {}
-    for key, value in params.items():
-        name = OPTION_ALIASES.get(key, key)
-        if name in names and value is not None:
-            out[name] = tuple(value) if name == "keep" else value
-    if params.get("no_standardize") or params.get("plain_sign"):
-        out["standardize"] = False
-    if params.get("plain_sign"):
-        out["clamp"] = False
-    return out

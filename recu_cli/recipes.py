@@ -1,31 +1,67 @@
-"""Training recipes by name: a recipe fills in every setting the user did not give.
+"""Training recipes by name: a recipe gives the value of each recipe lever the user did not.
 
-`paper` is the authors' single-stage recipe exactly (recu's TrainConfig and ConvertConfig
-defaults). `finetune` is what measured best for a short fine-tune of a pretrained network
-(docs/results.md has the runs): learnable thresholds calibrated to the channel medians,
-PReLU, two stages (binary activations on real weights first, then ReCU's binary weights),
-attention-map distillation from the original network, and a larger learning rate for
-everything that is not a latent binary weight.
+A lever is a setting whose declared default is None, "the recipe's value" (TrainConfig's
+lr, stage1_epochs, feature_kd, other_lr_scale, bn_recalib; the conversion's activation and
+act_threshold). Every recipe sets every lever (tests check it), so a run never falls back
+to a value nobody chose. Where a value comes from, lowest first: the declared default
+(recu_cli/setting.py), the recipe, a --config file, the flags given.
+
+`paper` is the authors' single-stage recipe exactly. `finetune` (the default, for
+`recu binarize` and for a TrainConfig built in Python alike) is what measured best for a
+short fine-tune of a pretrained network (docs/results.md has the runs): learnable
+thresholds calibrated to the channel medians, PReLU, two stages (binary activations on
+real weights first, then ReCU's binary weights), attention-map distillation from the
+original network, and a larger learning rate for everything that is not a latent binary
+weight.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from recu_cli.errors import RecuError
 
+
+@dataclass(frozen=True)
+class EpochShare:
+    """A lever that depends on the run's length: this share of --epochs, rounded down."""
+
+    share: float
+
+    def of(self, epochs: int) -> int:
+        return int(epochs * self.share)
+
+    def __str__(self) -> str:
+        return "half of --epochs" if self.share == 0.5 else f"{self.share:g} x --epochs"
+
+
+# The paper's peak learning rate by optimizer: what `lr` None means (TrainConfig.base_lr).
+PAPER_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+
+# lever key (as in config files: "convert.activation") -> value
 RECIPES: dict[str, dict[str, Any]] = {
-    "paper": {},
     "finetune": {
         "lr": 2e-3,
-        "stage1_share": 0.5,  # stage 1 = this share of --epochs, rounded down
+        "stage1_epochs": EpochShare(0.5),
         "feature_kd": 3.0,
         "other_lr_scale": 3.0,
         "bn_recalib": 0,
-        "convert": {"activation": "prelu", "act_threshold": "median"},
+        "convert.activation": "prelu",
+        "convert.act_threshold": "median",
+    },
+    "paper": {
+        "lr": None,  # PAPER_LR by --opt
+        "stage1_epochs": 0,
+        "feature_kd": 0.0,
+        "other_lr_scale": 1.0,
+        "bn_recalib": 0,
+        "convert.activation": "hardtanh",
+        "convert.act_threshold": "zero",
     },
 }
 DEFAULT_RECIPE = "finetune"
+LEVERS = tuple(RECIPES[DEFAULT_RECIPE])
 
 RECIPE_HELP = (
     "Recipes (flags you give override them): 'finetune' (default), for a short fine-tune "
@@ -36,16 +72,37 @@ RECIPE_HELP = (
 )
 
 
+def lever_values(name: str, epochs: int) -> dict[str, Any]:
+    """The levers of recipe `name` for a run of `epochs`, by key ('convert.activation')."""
+    if name not in RECIPES:
+        raise RecuError(f"--recipe must be one of {', '.join(RECIPES)}, got '{name}'")
+    return {
+        key: value.of(epochs) if isinstance(value, EpochShare) else value
+        for key, value in RECIPES[name].items()
+    }
+
+
 def recipe_settings(name: str, epochs: int) -> dict[str, Any]:
     """The settings of a recipe for a run of `epochs`: TrainConfig fields, plus 'convert'
-    for ConvertConfig."""
-    if name not in RECIPES:
-        from recu_cli.models import few
-
-        raise RecuError(f"unknown --recipe '{name}'; choose one of {few(list(RECIPES), 5)}")
-    settings = {k: v for k, v in RECIPES[name].items() if k not in ("convert", "stage1_share")}
-    if "stage1_share" in RECIPES[name]:
-        settings["stage1_epochs"] = int(epochs * RECIPES[name]["stage1_share"])
-    settings["convert"] = dict(RECIPES[name].get("convert", {}))
-    settings["recipe"] = name
+    for ConvertConfig's, plus 'recipe'."""
+    settings: dict[str, Any] = {"convert": {}, "recipe": name}
+    for key, value in lever_values(name, epochs).items():
+        if key.startswith("convert."):
+            settings["convert"][key.split(".", 1)[1]] = value
+        else:
+            settings[key] = value
     return settings
+
+
+def describe(key: str) -> str:
+    """A lever's value in each recipe, for --help: 'finetune: 0.002; paper: 0'."""
+
+    def shown(value: Any) -> str:
+        if value is None and key == "lr":
+            by_opt = {}
+            for opt, lr in PAPER_LR.items():
+                by_opt.setdefault(lr, []).append(opt)
+            return ", ".join(f"{lr:g} for {'/'.join(opts)}" for lr, opts in by_opt.items())
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return "; ".join(f"{name}: {shown(levers[key])}" for name, levers in RECIPES.items())

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from recu_cli.binarize import ReCUConv2d, sign_pos
-from recu_cli.commands.options import convert_config
-from recu_cli.convert import convert_model, set_tau
+from recu_cli.convert import ConvertConfig, convert_model, set_tau
 from recu_cli.models import create_model
 from recu_cli.stats import dead_weight_share
 from recu_cli.training import FlipTracker
@@ -25,7 +24,7 @@ def laplace_layer(**kw) -> ReCUConv2d:
 
 
 def test_plain_sign_is_sign_of_raw_weights_without_clamp() -> None:
-    cfg = convert_config(None, "hardtanh", 2.0, "pretrained", plain_sign=True, tau=0.85)
+    cfg = ConvertConfig.from_flags(plain_sign=True, tau=0.85)  # as --plain-sign sets it
     assert not cfg.standardize and not cfg.clamp
     layer = laplace_layer(**cfg.layer_kwargs())
     w = layer.weight.detach()
@@ -36,7 +35,7 @@ def test_plain_sign_is_sign_of_raw_weights_without_clamp() -> None:
 
 
 def test_no_standardize_uses_raw_weights_but_keeps_the_clamp() -> None:
-    cfg = convert_config(None, "hardtanh", 2.0, "pretrained", no_standardize=True, tau=0.85)
+    cfg = ConvertConfig.from_flags(no_standardize=True, tau=0.85)
     layer = laplace_layer(**cfg.layer_kwargs())
     qz = layer.quantize()
     assert torch.equal(qz.w1, layer.weight)

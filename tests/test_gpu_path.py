@@ -32,7 +32,7 @@ def short_config(data: Path, weights: Path, out: Path, name: str, **kw) -> Train
     base = dict(
         model="resnet20", data=str(data), weights=str(weights), epochs=2, batch_size=16,
         workers=0, output=str(out), experiment=name, max_steps=3, log_interval=0,
-        step0_eval=False, seed=3,
+        step0_eval=False, seed=3, recipe="paper",
     )  # fmt: skip
     return TrainConfig(**{**base, **kw})
 

@@ -230,7 +230,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         model="resnet20", data=str(small_cifar), weights=str(resnet20_weights), epochs=2,
         batch_size=16, workers=0, output=str(tmp_path), experiment="nan", max_steps=7,
         log_interval=0,
-        opt="sgd", lr=0.01,
+        opt="sgd", lr=0.01, recipe="paper",
     )  # fmt: skip
     trainer = Trainer(cfg, quiet=True)
     trainer.fit()  # one good epoch (7 steps) -> last.safetensors

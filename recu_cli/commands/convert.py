@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from recu_cli.app import app, console, print_json
-from recu_cli.commands.options import (
-    Activation,
-    AlphaInit,
-    AlphaMode,
-    BStar,
-    Json,
-    Keep,
-    NoStandardize,
-    NumClasses,
-    PlainSign,
-    Pretrained,
-    Weights,
-    convert_config,
-)
+from recu_cli.commands.options import Json, setting_parameters, with_settings
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
+from recu_cli.training.config import TrainConfig
 
 
 @app.command()
+@with_settings(
+    setting_parameters(TrainConfig, only=("weights", "pretrained", "num_classes")),
+    setting_parameters(
+        ConvertConfig,
+        defaults={"act_threshold": None},
+        notes={"act_threshold": " (default: median with --data, else zero)"},
+    ),
+    setting_parameters(TrainConfig, only=("calib_images", "half", "keep_latent")),
+    last=("data", "batch_size", "workers", "json_out"),
+)
 def convert(
     model: Annotated[
         str,
@@ -34,30 +33,12 @@ def convert(
             help="Model name: timm (resnet18), torchvision (tv:resnet18) or recu's (resnet20)."
         ),
     ],
-    weights: Weights = None,
-    pretrained: Pretrained = False,
-    num_classes: NumClasses = None,
+    *,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write a packed .safetensors file.")
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only print the conversion report.")
-    ] = False,
-    keep: Keep = None,
-    act: Activation = "hardtanh",
-    b_star: BStar = 2.0,
-    alpha_init: AlphaInit = "pretrained",
-    alpha_mode: AlphaMode = "learned",
-    no_standardize: NoStandardize = False,
-    plain_sign: PlainSign = False,
-    tau: Annotated[
-        float, typer.Option("--tau", help="tau recorded in the layers (1 = no clamp).")
-    ] = 1.0,
-    half: Annotated[
-        bool, typer.Option("--half", help="Store full-precision tensors as fp16.")
-    ] = False,
-    keep_latent: Annotated[
-        bool, typer.Option("--keep-latent", help="Also store the latent weights.")
     ] = False,
     data: Annotated[
         str | None,
@@ -68,19 +49,10 @@ def convert(
             "and report val top-1 of the original and the converted model (step 0).",
         ),
     ] = None,
-    act_threshold: Annotated[
-        str | None,
-        typer.Option(
-            "--act-threshold",
-            help="zero (paper), learned or median (default: median with --data, else zero).",
-        ),
-    ] = None,
-    calib_images: Annotated[
-        int, typer.Option("--calib-images", min=1, help="Training images for calibration.")
-    ] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 256,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0)] = 2,
     json_out: Json = False,
+    **conversion: Any,
 ) -> None:
     """Binarize MODEL's convolutions (no training) and print what became binary and why."""
     from recu_cli.convert import check_keep, convert_model
@@ -94,10 +66,15 @@ def convert(
         from recu_cli.atomic import check_target
 
         check_target(output)  # before the work: a FIFO or a device is never replaced
-    threshold = act_threshold or ("median" if data is not None else "zero")
-    config = convert_config(
-        keep, act, b_star, alpha_init, alpha_mode, no_standardize, plain_sign, tau, threshold
+    calib_images, half, keep_latent = (
+        conversion.pop(k) for k in ("calib_images", "half", "keep_latent")
     )
+    weights, pretrained, num_classes = (
+        conversion.pop(k) for k in ("weights", "pretrained", "num_classes")
+    )
+    if conversion["act_threshold"] is None:
+        conversion["act_threshold"] = "median" if data is not None else "zero"
+    config = ConvertConfig.from_flags(**conversion)
     net, spec = create_model(model, num_classes=num_classes, pretrained=pretrained, weights=weights)
     original = copy.deepcopy(net) if data is not None else None
     check_keep(net, config.keep)

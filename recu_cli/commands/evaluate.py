@@ -8,8 +8,14 @@ from typing import Annotated
 import typer
 
 from recu_cli.app import app, console, print_json
-from recu_cli.commands.options import FpLayers, Json, NumClasses, Pretrained, Quiet, Weights
+from recu_cli.commands.options import FpLayers, Json, Quiet, setting_option
 from recu_cli.errors import RecuError
+from recu_cli.training.config import TrainConfig
+
+# the model-loading flags of `recu binarize`, declared with its settings
+Weights, Pretrained, NumClasses = (
+    setting_option(TrainConfig, key) for key in ("weights", "pretrained", "num_classes")
+)
 
 
 @app.command("eval")

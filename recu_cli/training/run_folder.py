@@ -308,7 +308,7 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         payload = json.loads(path.read_text())
         # runs from before --data-path trained on PIL workers: they continue there exactly
         settings = {"data_path": "pil", **payload["train"]}
-        return TrainConfig.from_dict(settings)
+        return TrainConfig.from_dict(settings, source=str(path))
     except (ValueError, KeyError, TypeError) as e:
         raise RecuError(f"{path} is damaged ({e}); start a new run") from e
 
