@@ -47,7 +47,8 @@ def _packed_resnet50(folder: Path) -> Path:
         return path
     import torch
 
-    from recu_cli.convert import ConvertConfig, convert_model
+    from recu_cli.bnn import convert_model
+    from recu_cli.convert_config import ConvertConfig
     from recu_cli.models import create_model
     from recu_cli.pack import save
 

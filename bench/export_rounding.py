@@ -37,7 +37,7 @@ F32, F64 = np.float32, np.float64
 def cifar_val(root: Path, n: int) -> torch.Tensor:
     from torchvision import datasets, transforms
 
-    from recu_cli.zoo import CIFAR_MEAN, CIFAR_STD
+    from recu_cli.models.zoo import CIFAR_MEAN, CIFAR_STD
 
     tf = transforms.Compose([transforms.Resize(32), transforms.ToTensor(),
                              transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])  # fmt: skip

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.bnn import convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -27,7 +27,8 @@ from pathlib import Path
 
 def make_packed(folder: Path) -> Path:
     """A packed ResNet-20 (random init: `info` costs the same as for trained weights)."""
-    from recu_cli.convert import ConvertConfig, convert_model
+    from recu_cli.bnn import convert_model
+    from recu_cli.convert_config import ConvertConfig
     from recu_cli.models import create_model
     from recu_cli.pack import save
 

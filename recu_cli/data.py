@@ -17,7 +17,7 @@ from torchvision import datasets, transforms
 
 from recu_cli.errors import RecuError
 from recu_cli.idx import DEBIAN_FASHION_ROOT, idx_split
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 
 SMALL_INPUT = 64
 TORCHVISION_DATASETS = {

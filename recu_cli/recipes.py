@@ -40,7 +40,7 @@ def recipe_settings(name: str, epochs: int) -> dict[str, Any]:
     """The settings of a recipe for a run of `epochs`: TrainConfig fields, plus 'convert'
     for ConvertConfig."""
     if name not in RECIPES:
-        from recu_cli.models import few
+        from recu_cli.errors import few
 
         raise RecuError(f"unknown --recipe '{name}'; choose one of {few(list(RECIPES), 5)}")
     settings = {k: v for k, v in RECIPES[name].items() if k not in ("convert", "stage1_share")}

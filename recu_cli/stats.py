@@ -19,7 +19,7 @@ from torch import nn
 
 from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import binary_layers
+from recu_cli.bnn import binary_layers
 from recu_cli.pack.schema import LayerStats
 
 HIST_BINS = 101

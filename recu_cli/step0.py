@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from recu_cli.convert import ConvertConfig
-from recu_cli.models import ModelSpec
+from recu_cli.convert_config import ConvertConfig
+from recu_cli.spec import ModelSpec
 
 Top1 = Callable[[nn.Module], float]
 

@@ -56,7 +56,7 @@ def cifar_batch(n: int = 64, size: int = 32) -> tuple[torch.Tensor, torch.Tensor
     """n real CIFAR-10 val images (balanced over classes), normalised like the zoo models."""
     from torchvision import datasets, transforms
 
-    from recu_cli.models import IMAGENET_MEAN, IMAGENET_STD
+    from recu_cli.spec import IMAGENET_MEAN, IMAGENET_STD
 
     require_shared(CIFAR)
     tf = transforms.Compose(

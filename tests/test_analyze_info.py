@@ -24,8 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from recu_cli import pack
+from recu_cli.bnn import convert_model
 from recu_cli.cli import main
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.models import create_model
 from recu_cli.report.analysis import analyze, render_analysis

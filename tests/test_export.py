@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 from tests.conftest import CIFAR, REPO, cifar_batch, link_tree, require_shared
 from tests.test_cli_models import assert_one_line_error, run_cli
 

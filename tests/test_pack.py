@@ -15,7 +15,8 @@ from torchvision import transforms
 
 from recu_cli import pack
 from recu_cli.binarize.layers import BinaryConv2d
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
+from recu_cli.bnn import binary_layers, convert_model, set_tau
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.report.info import summarize
 

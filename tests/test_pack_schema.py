@@ -11,11 +11,13 @@ import pytest
 from safetensors import safe_open
 
 from recu_cli import pack
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.bnn import convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.fields import FieldError
-from recu_cli.models import ModelSpec, create_model
+from recu_cli.models import create_model
 from recu_cli.pack import schema
+from recu_cli.spec import ModelSpec
 from tests.conftest import REPO
 
 OLD = REPO / "tests" / "data" / "packed-v1-resnet20.safetensors"

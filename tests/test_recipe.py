@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d, ReCUConv2d
+from recu_cli.bnn import binary_layers, convert_model, to_deploy
 from recu_cli.calibrate import calibrate_thresholds, one_sided_share, sign_balance
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, to_deploy
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.training import TrainConfig, Trainer, param_groups
 from recu_cli.training.distill import attention_loss, attention_map, feature_points

@@ -9,7 +9,8 @@ import torch
 
 from recu_cli import convert
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.bnn import convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.stats import (
     HIST_BINS,

@@ -60,8 +60,8 @@ def _load(target: str) -> tuple[object, object, str]:
         from recu_cli.pack import load, read_spec
 
         return load(path), read_spec(path), str(path)
-    from recu_cli.convert import convert_model, to_deploy
-    from recu_cli.models import create_model
+    from recu_cli.bnn import convert_model, to_deploy
+    from recu_cli.models.create import create_model
 
     model, spec = create_model(target)
     model, _ = convert_model(model)

@@ -83,8 +83,8 @@ def convert(
     json_out: Json = False,
 ) -> None:
     """Binarize MODEL's convolutions (no training) and print what became binary and why."""
-    from recu_cli.convert import check_keep, convert_model
-    from recu_cli.models import create_model
+    from recu_cli.bnn import check_keep, convert_model
+    from recu_cli.models.create import create_model
 
     if not dry_run and output is None:
         raise RecuError(

@@ -86,13 +86,13 @@ def eval_cmd(
     else:
         if runtime != "torch":
             raise RecuError("--runtime applies to packed checkpoints; convert or train one first")
-        from recu_cli.models import create_model
+        from recu_cli.models.create import create_model
 
         net, spec = create_model(
             model, num_classes=num_classes, pretrained=pretrained, weights=weights
         )
         if binarize:
-            from recu_cli.convert import convert_model
+            from recu_cli.bnn import convert_model
 
             net, _ = convert_model(net)
         name = spec.full_name

@@ -8,9 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from recu_cli.convert import ConvertConfig
-
-
+    from recu_cli.convert_config import ConvertConfig
 Weights = Annotated[
     Path | None,
     typer.Option(

@@ -68,7 +68,7 @@ class PackedFile:
 
 def registered(name: str) -> bool:
     """Whether timm / torchvision / recu's zoo know the model (imports them and torch)."""
-    from recu_cli.models import is_known
+    from recu_cli.models.names import is_known
 
     return is_known(name)
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import binary_layers, convert_model, to_deploy
-from recu_cli.errors import RecuError
-from recu_cli.models import create_model, few
+from recu_cli.bnn import binary_layers, convert_model, to_deploy
+from recu_cli.errors import RecuError, few
+from recu_cli.models.create import create_model
 from recu_cli.pack import schema as s
 from recu_cli.pack.bits import unpack_signs
 from recu_cli.pack.header import damaged

@@ -13,7 +13,8 @@ from torch import nn
 from recu_cli import __version__
 from recu_cli.atomic import atomic_path
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import ConvertConfig, binary_layers
+from recu_cli.bnn import binary_layers
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.pack import schema as s
 from recu_cli.pack.bits import pack_signs

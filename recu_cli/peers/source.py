@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from recu_cli.errors import RecuError
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _copy_matching(dst: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[in
 
 
 def _from_file(path: Path) -> Models:
-    from recu_cli.models import create_model
+    from recu_cli.models.create import create_model
     from recu_cli.pack import latent_layers, load, read
 
     packed = read(path, verify=False)
@@ -65,8 +65,8 @@ def _from_file(path: Path) -> Models:
 
 
 def _from_name(name: str) -> Models:
-    from recu_cli.convert import convert_model, to_deploy
-    from recu_cli.models import create_model
+    from recu_cli.bnn import convert_model, to_deploy
+    from recu_cli.models.create import create_model
 
     model, spec = create_model(name)
     original = copy.deepcopy(model).eval()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from recu_cli.convert import set_tau
+from recu_cli.bnn import set_tau
 from recu_cli.imagecheck import bad_of
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distributed import DistInfo, all_reduce_sum, barrier, shutdown, sync_buffers

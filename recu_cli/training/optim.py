@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from recu_cli.binarize.tau import tau_schedule
-from recu_cli.convert import binary_layers
+from recu_cli.bnn import binary_layers
 from recu_cli.training.config import TrainConfig
 
 if TYPE_CHECKING:

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from recu_cli.convert import ConversionReport, binary_layers, check_keep, convert_model
+from recu_cli.bnn import ConversionReport, binary_layers, check_keep, convert_model
 from recu_cli.data import DataBundle, build_data, make_loader
 from recu_cli.devices import default_amp_dtype, default_workers
 from recu_cli.errors import RecuError
 from recu_cli.imagecheck import check_tree, collate
-from recu_cli.models import ModelSpec, create_model, reset_head
+from recu_cli.models.create import create_model, reset_head
+from recu_cli.spec import ModelSpec
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo

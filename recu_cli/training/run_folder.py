@@ -30,7 +30,7 @@ from recu_cli.training.runlock import LOCK_NAME, RunLock
 from recu_cli.training.state import Position, TrainingStopped, TrainState, resume_state
 
 if TYPE_CHECKING:
-    from recu_cli.models import ModelSpec
+    from recu_cli.spec import ModelSpec
     from recu_cli.training.parts import Parts
 
 SUMMARY_FIELDS = [

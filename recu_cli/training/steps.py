@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recu_cli.convert import binary_layers
+from recu_cli.bnn import binary_layers
 from recu_cli.evaluate import EvalResult, batch_sums
 from recu_cli.imagecheck import fail_on_bad
 from recu_cli.training.config import TrainConfig
