@@ -31,12 +31,13 @@ def make_packed(folder: Path) -> Path:
     from recu_cli.convert_config import ConvertConfig
     from recu_cli.models import create_model
     from recu_cli.pack import save
+    from recu_cli.stats import model_stats
 
     net, spec = create_model("resnet20")
     config = ConvertConfig()
     net, _ = convert_model(net, config)
     path = folder / "resnet20.safetensors"
-    save(path, net, spec, config)
+    save(path, net, spec, config, stats=model_stats(net))
     return path
 
 

@@ -58,8 +58,8 @@ def measure_step0(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Step 0 of `recu convert --data`: validation by a plain evaluation of `data`."""
+    from recu_cli.accuracy import evaluate
     from recu_cli.data import build_data, calibration_images, make_loader
-    from recu_cli.evaluate import evaluate
 
     bundle = build_data(data, spec, train=True)
     loader = make_loader(bundle.val, batch_size, workers)

@@ -32,6 +32,7 @@ from recu_cli.models import create_model
 from recu_cli.report.analysis import analyze, render_analysis
 from recu_cli.report.info import summarize
 from recu_cli.report.plots import require_matplotlib
+from recu_cli.stats import model_stats
 
 
 def make_packed(path: Path, *, latent: bool = False, noise: float = 0.0, seed: int = 0) -> Path:
@@ -45,7 +46,7 @@ def make_packed(path: Path, *, latent: bool = False, noise: float = 0.0, seed: i
             for m in model.modules():
                 if hasattr(m, "tau"):
                     m.weight.add_(noise * torch.randn_like(m.weight))
-    pack.save(path, model, spec, config, keep_latent=latent)
+    pack.save(path, model, spec, config, keep_latent=latent, stats=model_stats(model))
     return path
 
 

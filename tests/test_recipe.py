@@ -18,6 +18,7 @@ from recu_cli.bnn import binary_layers, convert_model, to_deploy
 from recu_cli.calibrate import calibrate_thresholds, one_sided_share, sign_balance
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
+from recu_cli.stats import model_stats
 from recu_cli.training import TrainConfig, Trainer, param_groups
 from recu_cli.training.distill import attention_loss, attention_map, feature_points
 from tests.test_cli_models import assert_one_line_error, run_cli
@@ -155,7 +156,8 @@ def test_packed_round_trip_with_thresholds_and_runtime_engines(
     assert all(bool((t != 0).any()) for t in thr.values())
     spec = create_model("resnet20")[1]
     path = tmp_path / "t.safetensors"
-    pack.save(path, model, spec, ConvertConfig(activation="prelu", act_threshold="median"))
+    config = ConvertConfig(activation="prelu", act_threshold="median")
+    pack.save(path, model, spec, config, stats=model_stats(model))
     raw = load_file(path)
     for name, t in thr.items():
         assert torch.equal(raw[f"{name}.act_threshold"], t)
@@ -295,21 +297,21 @@ def test_stage_switch_changes_exactly_what_it_says(
 ) -> None:
     cfg = finetune_config(small_cifar, resnet20_weights, tmp_path, "switch", epochs=2)
     trainer = Trainer(cfg, quiet=True)
-    assert trainer.stage == 1
-    assert all(not m.binarize_weights for _, m in binary_layers(trainer.model))
-    trainer.optimizer.state[next(trainer.model.parameters())]["x"] = torch.zeros(1)
+    assert trainer.state.stage == 1
+    assert all(not m.binarize_weights for _, m in binary_layers(trainer.parts.model))
+    trainer.parts.optimizer.state[next(trainer.parts.model.parameters())]["x"] = torch.zeros(1)
     with torch.no_grad():
-        for _, m in binary_layers(trainer.model):
+        for _, m in binary_layers(trainer.parts.model):
             m.alpha.fill_(1.0)  # as if stage 1 had moved them
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.pos.epoch, trainer.pos.global_step = 1, trainer.steps_per_epoch
+    before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
+    trainer.state.pos.epoch, trainer.state.pos.global_step = 1, trainer.steps_per_epoch
     trainer._enter_stage(2, switching=True)
-    after = trainer.model.state_dict()
+    after = trainer.parts.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {f"{n}.alpha" for n, _ in binary_layers(trainer.model)}
-    assert all(m.binarize_weights for _, m in binary_layers(trainer.model))
-    assert len(trainer.optimizer.state) == 0
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.base_lr)
+    assert changed == {f"{n}.alpha" for n, _ in binary_layers(trainer.parts.model)}
+    assert all(m.binarize_weights for _, m in binary_layers(trainer.parts.model))
+    assert len(trainer.parts.optimizer.state) == 0
+    assert trainer.parts.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.base_lr)
 
 
 def test_autocast_bf16_steps_of_the_recipe_on_cpu(

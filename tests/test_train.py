@@ -209,9 +209,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     run = tmp_path / "nan"
     good = (run / "last.safetensors").read_bytes()
     resumed = Trainer(TrainConfig(**{**cfg.__dict__, "max_steps": None}), run_dir=run, quiet=True)
-    for group in resumed.optimizer.param_groups:
+    for group in resumed.parts.optimizer.param_groups:
         group["lr"] = 1e38  # a learning rate that makes the weights overflow
-    resumed.scheduler.base_values = [1e38 for _ in resumed.scheduler.base_values]
+    resumed.state.scheduler.base_values = [1e38 for _ in resumed.state.scheduler.base_values]
     with pytest.raises(TrainingStopped, match=r"loss became (nan|inf)") as exc:
         resumed.fit()
     assert exc.value.exit_code == 1

@@ -107,8 +107,11 @@ def convert(
         )
     if output is not None:
         from recu_cli.pack import save
+        from recu_cli.stats import model_stats
 
-        summary = save(output, net, spec, config, half=half, keep_latent=keep_latent)
+        summary = save(
+            output, net, spec, config, stats=model_stats(net), half=half, keep_latent=keep_latent
+        )
         result["output"] = str(output)
         result["file"] = summary
     if json_out:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,10 +10,6 @@ from torch import nn
 from recu_cli.binarize.tau import tau_schedule
 from recu_cli.bnn import binary_layers
 from recu_cli.training.config import TrainConfig
-
-if TYPE_CHECKING:
-    from recu_cli.training.parts import Parts
-    from recu_cli.training.state import TrainState
 
 
 def param_groups(
@@ -102,25 +97,3 @@ def tau_at(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step: int) -> flo
     e = max(0, epoch - first)
     e += step / steps_per_epoch if cfg.tau_update == "step" else 0.0
     return tau_schedule(e, end - first, cfg.tau_min, cfg.tau_max)
-
-
-def enter_stage(
-    cfg: TrainConfig, parts: Parts, state: TrainState, stage: int, switching: bool,
-    log: Callable[[str], None],
-) -> None:  # fmt: skip
-    """Stage 1 trains real centred weights behind binary activations; stage 2 binarizes
-    the weights too. Switching: alpha starts at mean |W0| (so alpha * sign(W0) continues
-    stage 1's W0) and Adam's moments restart, as the loss surface changes. Either way the
-    stage gets its own schedule, continued from the current step."""
-    state.stage = stage
-    for _, layer in binary_layers(parts.model):
-        layer.binarize_weights = stage == 2
-    if switching:
-        for _, layer in binary_layers(parts.model):
-            layer.reset_alpha_from_latent()
-        parts.optimizer.state.clear()
-        log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
-    first, _ = stage_bounds(cfg, stage)
-    state.stage_start_step = first * parts.steps_per_epoch
-    state.scheduler = build_scheduler(parts.optimizer, cfg, parts.steps_per_epoch, stage)
-    state.scheduler.step_update(state.pos.global_step - state.stage_start_step)

@@ -53,6 +53,14 @@ class Parts:
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
 
+    def state_dicts(self) -> dict[str, Any]:
+        """What resume.pt holds of the parts (loaded back by the trainer)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
 
 def build_parts(
     cfg: TrainConfig, info: DistInfo, device: torch.device, log: Log, resuming: bool

@@ -1,7 +1,13 @@
-"""Top-1 / top-5 accuracy of any classifier on a loader."""
+"""Top-1 / top-5 accuracy of any classifier on a loader: the one evaluation loop.
+
+`recu eval`, step 0 and training's validation all run `evaluate`; training adds the
+agreement of its processes (`agree`: a sum over ranks of the [top-1, top-5, loss, n]
+totals), so every rank reports the same numbers.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +38,6 @@ def batch_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), loss.double()])
 
 
-def batch_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, float, int]:
-    """Top-1 hits, top-5 hits, summed cross-entropy, batch size (`batch_sums`, read)."""
-    c1, c5, loss = batch_sums(logits, targets).tolist()
-    return int(c1), int(c5), loss, targets.numel()
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -46,11 +46,19 @@ def evaluate(
     quiet: bool = True,
     description: str = "eval",
     max_batches: int | None = None,
+    channels_last: bool = False,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
-    """Accuracy in percent, as timm prints it; the loss is mean cross-entropy."""
+    """Accuracy in percent, as timm prints it; the loss is mean cross-entropy.
+
+    In eval mode (the model's mode is restored after). Sums stay on the device: one host
+    read at the end (and one per batch only for a shown progress bar). `agree` sums the
+    totals over processes (training under torchrun); `description` names the pass in the
+    progress bar and in the error about an unreadable image.
+    """
+    was_training = model.training
     model.eval()
-    correct1 = correct5 = n = 0
-    loss_sum = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, loss, images
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     with make_progress(quiet) as progress:
         task = progress.add_task(description, total=total, info="")
@@ -61,11 +69,17 @@ def evaluate(
             images, targets = batch
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            c1, c5, batch_loss, batch_n = batch_counts(model(images), targets)
-            correct1, correct5 = correct1 + c1, correct5 + c5
-            loss_sum += batch_loss
-            n += batch_n
-            progress.update(task, advance=1, info=f"top-1 {100.0 * correct1 / max(n, 1):.2f}%")
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sums[:3] += batch_sums(model(images), targets)
+            sums[3] += targets.numel()
+            if not quiet:
+                c1, n = sums[0].item(), sums[3].item()
+                progress.update(task, advance=1, info=f"top-1 {100.0 * c1 / max(n, 1):.2f}%")
+    model.train(was_training)
+    if agree is not None:
+        sums = agree(sums)
+    c1, c5, loss_sum, n = sums.tolist()
     if n == 0:
         return EvalResult(0.0, 0.0, float("nan"), 0)
-    return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, n)
+    return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n, int(n))
