@@ -1,4 +1,4 @@
-"""Model surgery: turn a full-precision CNN into a ReCU BNN, and say exactly what changed.
+"""A full-precision CNN made a ReCU BNN (and its deploy form), saying exactly what changed.
 
 Rules (docs/method.md section 4): convs with groups == 1 and a kernel larger than 1x1
 become ReCUConv2d, except the stem, and except what the user keeps with --keep patterns;

@@ -57,7 +57,7 @@ def check_minor(path: Path, meta: dict[str, str]) -> int:
     than this recu knows is read as the largest it knows."""
     minor = meta.get(s.MINOR, "0")
     if not (isinstance(minor, str) and minor.isdigit() and len(minor) < 6):
-        raise damaged(path, f"metadata '{s.MINOR}' is not a decimal number")
+        raise damaged(path, f"metadata '{s.MINOR}' is not a decimal number below 100000")
     return int(minor)
 
 
