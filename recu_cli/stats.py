@@ -219,8 +219,10 @@ def layer_stats(layer: ReCUConv2d) -> dict[str, Any]:
     ).to_dict()
 
 
+@torch.no_grad()
 def model_stats(model: nn.Module) -> list[dict[str, Any]]:
-    """`layer_stats` of every ReCUConv2d in module order, each with its dotted name first."""
+    """`layer_stats` of every ReCUConv2d in module order, each with its dotted name first:
+    what a packed file stores (`pack.save(..., stats=model_stats(model))`)."""
     return [{"name": name, **layer_stats(m)} for name, m in binary_layers(model)]
 
 

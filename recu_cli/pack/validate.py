@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -205,11 +205,12 @@ def check_training(path: Path, training: Any) -> dict[str, Any] | None:
 
 
 def parse_modules(
-    path: Path, d: Any, layers: list[dict[str, Any]], tensors: dict[str, TensorInfo]
+    path: Path, d: Any, layers: list[dict[str, Any]], tensors: Iterable[str]
 ) -> list[dict[str, Any]]:
     """Metadata 'modules' (minor 1): a record per module that owns tensors, each well typed
     and bounded, exactly the owners of the file's tensors, and for a binary layer a
-    `BinaryConv2d` whose output channels and MACs follow from its recorded shape."""
+    `BinaryConv2d` whose output channels and MACs follow from its recorded shape.
+    `tensors`: the file's tensor names."""
     if not (isinstance(d, list) and len(d) <= s.MAX_MODULES):
         raise damaged(path, f"metadata '{s.MODULES}' is not a list of module records")
     keys = [f.name for f in fields(s.ModuleRecord)]

@@ -22,6 +22,7 @@ from recu_cli.errors import RecuError
 from recu_cli.pack import schema as s
 from recu_cli.pack.bits import pack_signs
 from recu_cli.pack.rebuild import build_tree, module_records
+from recu_cli.pack.validate import parse_modules
 from recu_cli.spec import ModelSpec
 
 
@@ -61,6 +62,7 @@ def save(
         for key, value in model.state_dict().items():
             if s.owner(key) not in owners:
                 tensors[key] = _stored(value, half)
+    entries = [_layer_entry(n, m).to_dict() for n, m in layers]
     first_float = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
     float_dtype = "F16" if half else _dtype_name(first_float or torch.float32)
     metadata = {
@@ -70,13 +72,13 @@ def save(
         s.MODEL: _json(spec.to_dict()),
         s.RECIPE: _json(config.to_dict()),
         s.ENCODING_KEY: _json(s.ENCODING),
-        s.LAYERS: _json([_layer_entry(n, m).to_dict() for n, m in layers]),
+        s.LAYERS: _json(entries),
         s.TAU: _json(_common_tau(layers)),
         s.STORAGE: _json({"float_dtype": float_dtype, "latent": bool(keep_latent)}),
         s.STATS: _json(stats),
         s.TRAINING: _json(training),
         s.HISTORY: _json(history),
-        **_module_metadata(path, spec, config, tensors),
+        **_module_metadata(path, spec, config, tensors, entries),
     }
     _write_atomic(path, tensors, metadata)
     return _summary(path, tensors, layers, half=half, keep_latent=keep_latent)
@@ -172,17 +174,23 @@ def _layer_entry(name: str, layer: ReCUConv2d) -> s.LayerEntry:
 
 
 def _module_metadata(
-    path: Path, spec: ModelSpec, config: ConvertConfig, tensors: dict[str, torch.Tensor]
+    path: Path,
+    spec: ModelSpec,
+    config: ConvertConfig,
+    tensors: dict[str, torch.Tensor],
+    layers: list[dict[str, Any]],
 ) -> dict[str, str]:
     """Metadata 'modules' and the minor version that announces it, from the tree that
     `load` rebuilds (on the meta device: no memory, no compute), so `recu info` prints
-    them without torch. Nothing when the spec and recipe build no tree (the file then
-    fails to load as well, with that error)."""
+    them without torch. Checked by the reader's own validator: nothing when the spec and
+    recipe build no tree, or another one than `model` (the file then fails to load as
+    well, with that error)."""
     try:
         tree = build_tree(spec, config, "meta", path)
+        records = module_records(tree, spec.input_size, tensors)
+        parse_modules(path, records, layers, tensors)
     except RecuError:
         return {}
-    records = module_records(tree, spec.input_size, tensors)
     return {s.MINOR: str(s.FORMAT_MINOR), s.MODULES: _json(records)}
 
 
