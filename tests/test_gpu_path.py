@@ -182,7 +182,7 @@ def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
     trainer.parts.model.to(device)
     trainer.parts.teacher.to(device)
     trainer.parts.optimizer = build_optimizer(trainer.parts.model, trainer.cfg)
-    trainer._enter_stage(2, switching=False)  # the scheduler follows the new optimizer
+    trainer.loop.enter_stage(2, switching=False)  # the scheduler follows the new optimizer
     trainer.state.metrics = StepMetrics(device)
     reads: list[int] = []
 

@@ -305,7 +305,7 @@ def test_stage_switch_changes_exactly_what_it_says(
             m.alpha.fill_(1.0)  # as if stage 1 had moved them
     before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
     trainer.state.pos.epoch, trainer.state.pos.global_step = 1, trainer.steps_per_epoch
-    trainer._enter_stage(2, switching=True)
+    trainer.loop.enter_stage(2, switching=True)
     after = trainer.parts.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"{n}.alpha" for n, _ in binary_layers(trainer.parts.model)}

@@ -9,6 +9,8 @@ import typer
 
 if TYPE_CHECKING:
     from recu_cli.convert_config import ConvertConfig
+
+
 Weights = Annotated[
     Path | None,
     typer.Option(

@@ -88,7 +88,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # leaves the training RNG stream as it was
                 self.state.step0 = self._start_model(self.parts.original)
         self.parts.original = None
-        self._enter_stage(stage_of(cfg, self.state.pos.epoch), switching=False)
+        self.loop.enter_stage(stage_of(cfg, self.state.pos.epoch), switching=False)
         if not self.resuming:
             self.loop.save_resume()  # the first resume point: a kill from here on loses little
             log("resume point saved (start of training)", echo=False)
@@ -162,9 +162,6 @@ class Trainer:
             f"{t['binary_layers']} binary layers ({t['binary_params']:,} binary weights), "
             f"{self.steps_per_epoch} steps/epoch, device {self.parts.device}"
         )
-
-    def _enter_stage(self, stage: int, switching: bool) -> None:
-        self.loop.enter_stage(stage, switching)
 
     def close(self) -> None:
         """Release the run folder (the process's exit would too)."""
