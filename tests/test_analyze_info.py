@@ -204,8 +204,11 @@ def test_info_records_are_what_the_rebuilt_tree_gives(files, tmp_path, monkeypat
         assert packed.modules == rebuilt
         assert {r["name"] for r in packed.modules} == {n.rpartition(".")[0] for n in packed.tensors}
         assert summarize(path) == _slow_summary(path, monkeypatch)
+    from recu_cli.binarize.layers import BinaryConv2d
+
     types = {r["name"]: r["type"] for r in pack.read(timm_file).modules}
-    assert types["fc"] == "Linear" and "BinaryConv2d" in types.values()
+    assert types["fc"] == "Linear" and BinaryConv2d.__name__ in types.values()
+    assert BinaryConv2d.__name__ == pack.schema.BINARY_TYPE  # the class load() builds
 
 
 def test_info_of_the_version_1_fixture_rebuilds_the_tree() -> None:
