@@ -47,15 +47,17 @@ def _packed_resnet50(folder: Path) -> Path:
         return path
     import torch
 
-    from recu_cli.convert import ConvertConfig, convert_model
+    from recu_cli.bnn import convert_model
+    from recu_cli.convert_config import ConvertConfig
     from recu_cli.models import create_model
     from recu_cli.pack import save
+    from recu_cli.stats import model_stats
 
     torch.manual_seed(0)
     config = ConvertConfig(tau=0.85)
     model, spec = create_model("resnet50", num_classes=1000)
     model, _ = convert_model(model, config)
-    save(path, model, spec, config)
+    save(path, model, spec, config, stats=model_stats(model))
     return path
 
 

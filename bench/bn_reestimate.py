@@ -17,9 +17,9 @@ import json
 import torch
 
 from recu_cli import pack
+from recu_cli.accuracy import evaluate
 from recu_cli.calibrate import image_batches, reestimate_batchnorm
 from recu_cli.data import build_data, make_loader
-from recu_cli.evaluate import evaluate
 
 
 def main() -> None:

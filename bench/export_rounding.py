@@ -37,10 +37,10 @@ F32, F64 = np.float32, np.float64
 def cifar_val(root: Path, n: int) -> torch.Tensor:
     from torchvision import datasets, transforms
 
-    from recu_cli.zoo import CIFAR_MEAN, CIFAR_STD
+    from recu_cli.spec import IMAGENET_MEAN, IMAGENET_STD  # what the CIFAR zoo normalises by
 
     tf = transforms.Compose([transforms.Resize(32), transforms.ToTensor(),
-                             transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])  # fmt: skip
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
     ds = datasets.ImageFolder(str(root / "val"), transform=tf)
     per = max(1, n // len(ds.classes))
     idx = [c * 500 + i for c in range(len(ds.classes)) for i in range(per)][:n]

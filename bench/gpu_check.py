@@ -55,7 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau  # noqa: E402
+from recu_cli.bnn import binary_layers, convert_model, set_tau  # noqa: E402
+from recu_cli.convert_config import ConvertConfig  # noqa: E402
 from recu_cli.models import create_model  # noqa: E402
 from recu_cli.recipes import RECIPES  # noqa: E402
 
@@ -124,8 +125,7 @@ class Context:
 def bench_parts(model: torch.nn.Module, cfg, device: torch.device) -> SimpleNamespace:
     """What steps.forward_loss / apply_gradients and FastStep read of a run's Parts."""
     from recu_cli.training.distributed import DistInfo
-    from recu_cli.training.fast_step import optimizer_options
-    from recu_cli.training.optim import build_optimizer
+    from recu_cli.training.optim import build_optimizer, optimizer_options
 
     optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, DistInfo()))
     return SimpleNamespace(
@@ -171,7 +171,7 @@ def tiny_resnet(classes: int) -> torch.nn.Module:
     """CIFAR ResNet-8 cut to its first stage: stem, one basic block, classifier."""
     from torch import nn
 
-    from recu_cli.zoo import CifarResNet
+    from recu_cli.models.zoo import CifarResNet
 
     model = CifarResNet(8, num_classes=classes)
     model.layer2, model.layer3 = nn.Identity(), nn.Identity()

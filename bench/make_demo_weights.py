@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from recu_cli.accuracy import evaluate
 from recu_cli.data import build_data
 from recu_cli.demo import DEMO_WEIGHTS
-from recu_cli.evaluate import evaluate
 from recu_cli.models import create_model
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
-from recu_cli.convert import convert_model, to_deploy
+from recu_cli.bnn import convert_model, to_deploy
 from recu_cli.models import create_model
 from recu_cli.runtime import keep_freed_memory, to_runtime
 from recu_cli.runtime.base import GroupedConv, RuntimeConv, WithBatchNorm

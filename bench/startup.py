@@ -9,13 +9,17 @@ to import there). On a loaded machine every number grows, so read them against t
 
 The CLI runs as the console script `recu` when it is on PATH (what users run), else (or
 with --module) as `python -m recu_cli`; the first line says which. `info` reads a small
-packed file made on the fly: a CIFAR ResNet-20 converted with recu's own API, in a temp dir.
+packed file written on the fly by this recu (so it carries the module records that let
+`info` run without torch): a CIFAR ResNet-20 converted with recu's own API, in a temp dir.
+Besides the median wall time it prints the median CPU time (user + sys), steadier when
+other work shares the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -27,28 +31,34 @@ from pathlib import Path
 
 def make_packed(folder: Path) -> Path:
     """A packed ResNet-20 (random init: `info` costs the same as for trained weights)."""
-    from recu_cli.convert import ConvertConfig, convert_model
+    from recu_cli.bnn import convert_model
+    from recu_cli.convert_config import ConvertConfig
     from recu_cli.models import create_model
     from recu_cli.pack import save
+    from recu_cli.stats import model_stats
 
     net, spec = create_model("resnet20")
     config = ConvertConfig()
     net, _ = convert_model(net, config)
     path = folder / "resnet20.safetensors"
-    save(path, net, spec, config)
+    save(path, net, spec, config, stats=model_stats(net))
     return path
 
 
-def median_wall(cmd: list[str], repeat: int) -> float:
-    """Median wall time of `repeat` fresh processes, after one untimed warm-up run (which
-    fills the OS file cache, as on any second start)."""
-    times = []
+def median_wall(cmd: list[str], repeat: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (user + sys) of `repeat` fresh processes,
+    after one untimed warm-up run (which fills the OS file cache, as on any second start).
+    CPU time is the steadier number on a shared machine; wall time is what users feel."""
+    times, cpus = [], []
     for i in range(repeat + 1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if i:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(times), statistics.median(cpus)
 
 
 def main() -> None:
@@ -69,13 +79,15 @@ def main() -> None:
             ("recu binarize --help", [*recu, "binarize", "--help"], 0.3),
             ("recu info FILE", [*recu, "info", str(packed)], 1.0),
         ]
-        results = [(label, median_wall(cmd, args.repeat), target) for label, cmd, target in rows]
+        results = [(label, *median_wall(cmd, args.repeat), target) for label, cmd, target in rows]
     torch_s = results[0][1]
-    print(f"{'command':<28}{'median s':>10}{'x torch':>9}{'target s':>10}  result")
-    for label, seconds, target in results:
+    print(f"{'command':<28}{'median s':>10}{'cpu s':>8}{'x torch':>9}{'target s':>10}  result")
+    for label, seconds, cpu, target in results:
         verdict = "-" if target is None else ("pass" if seconds <= target else "FAIL")
         goal = "-" if target is None else f"{target:.1f}"
-        print(f"{label:<28}{seconds:>10.3f}{seconds / torch_s:>9.2f}{goal:>10}  {verdict}")
+        print(
+            f"{label:<28}{seconds:>10.3f}{cpu:>8.3f}{seconds / torch_s:>9.2f}{goal:>10}  {verdict}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model
+from recu_cli.bnn import binary_layers, convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.runtime.allocator import keep_freed_memory
 

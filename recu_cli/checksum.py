@@ -56,22 +56,35 @@ def with_checksum(serialize, tensors: dict, metadata: dict[str, str]) -> bytes:
     return second
 
 
+def _well_formed(stored: Any) -> bool:
+    return isinstance(stored, str) and stored.startswith(PREFIX) and len(stored) == 71
+
+
+def _actual(path: Path, header: dict[str, Any], header_bytes: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(header_bytes)
+            return digest(header, iter(lambda: f.read(CHUNK), b""))
+    except OSError as e:
+        raise RecuError(f"cannot read {path} ({e.strerror or e}); check permissions") from e
+
+
+def matches(path: Path, header: dict[str, Any], header_bytes: int, stored: Any) -> bool:
+    """Whether `stored` is a well-formed checksum equal to the file's (no exceptions for a
+    mismatch: the caller decides what a file that does not match gets)."""
+    return _well_formed(stored) and _actual(path, header, header_bytes) == stored
+
+
 def verify(path: Path, header: dict[str, Any], header_bytes: int, stored: Any) -> None:
     """Recompute the checksum of `path` and compare; one line naming the file if not."""
     if os.environ.get(SKIP_ENV) == "1":
         return
-    if not (isinstance(stored, str) and stored.startswith(PREFIX) and len(stored) == 71):
+    if not _well_formed(stored):
         raise RecuError(
             f"{path} is damaged (its checksum entry is malformed); copy it again if it was "
             "transferred, or write it again with `recu convert` or `recu binarize`"
         )
-    try:
-        with open(path, "rb") as f:
-            f.seek(header_bytes)
-            actual = digest(header, iter(lambda: f.read(CHUNK), b""))
-    except OSError as e:
-        raise RecuError(f"cannot read {path} ({e.strerror or e}); check permissions") from e
-    if actual != stored:
+    if _actual(path, header, header_bytes) != stored:
         raise RecuError(
             f"{path} is damaged: its checksum does not match (tensor data or metadata changed "
             "after it was written); copy it again if it was transferred, or write it again "

@@ -1,5 +1,5 @@
 """`ConvertConfig`, the conversion recipe stored in every packed file. No torch, so reading
-a packed file's metadata stays fast; the surgery itself is in `recu_cli.convert`."""
+a packed file's metadata stays fast; the surgery itself is in `recu_cli.bnn`."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from torchvision import datasets, transforms
 
 from recu_cli.errors import RecuError
 from recu_cli.idx import DEBIAN_FASHION_ROOT, idx_split
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 
 SMALL_INPUT = 64
 TORCHVISION_DATASETS = {
@@ -191,3 +191,31 @@ def calibration_images(data: DataBundle, n: int, seed: int) -> torch.Tensor:
     from recu_cli.imagecheck import BadItem
 
     return torch.stack([it[0] for it in items if not isinstance(it, BadItem)])
+
+
+def spread_inputs(
+    data: str | None, spec: ModelSpec, n: int, seed: int = 0
+) -> tuple[list[torch.Tensor], str]:
+    """n inputs of batch 1 and where they come from: what calibrates int8 models in
+    `recu bench` (its peers and --fp-layers int8).
+
+    With data: real images from its val/ (else train/) ImageFolder through the model's eval
+    transforms, spread evenly over the folder (so over its classes). Without: random normal
+    inputs, which give poorer int8 ranges but the same speed.
+    """
+    if data is None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        xs = [torch.randn(1, *spec.input_size, generator=gen) for _ in range(n)]
+        return xs, f"{n} random inputs (no --data given; give --data DIR for real images)"
+    root = Path(data).expanduser()
+    split = next((root / s for s in ("val", "validation", "train") if (root / s).is_dir()), None)
+    if split is None:
+        raise RecuError(
+            f"--data {data}: no val/ or train/ folder; give a folder with <split>/<class>/<image>"
+        )
+    ds = _folder(split, build_transform(spec, train=False))
+    if len(ds) == 0:
+        raise RecuError(f"--data {data}: {split} holds no images")
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
+    xs = [ds[i][0].unsqueeze(0) for i in idx]
+    return xs, f"{len(xs)} real images from {split} (eval transforms of the model)"

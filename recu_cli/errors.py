@@ -13,3 +13,8 @@ class RecuError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def few(keys: list[str], n: int = 3) -> str:
+    """The first n names and an ellipsis: error lines stay one line."""
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")

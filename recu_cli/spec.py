@@ -9,6 +9,9 @@ from typing import Any
 from recu_cli.fields import FieldError, is_int, is_num
 
 SOURCES = ("timm", "torchvision")
+# ImageNet's normalisation: timm's default, and what recu's CIFAR zoo models were trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Bounds a real model's spec has (every timm pretrained config: 3 channels, sides 106 to
 # 1024, mean 0 to 0.5, std 0.14 to 1, crop_pct 0.875 to 1.15; CIFAR 32, MNIST 28). A file

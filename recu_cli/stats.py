@@ -19,7 +19,7 @@ from torch import nn
 
 from recu_cli.binarize.functions import sign_pos
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import binary_layers
+from recu_cli.bnn import binary_layers
 from recu_cli.pack.schema import LayerStats
 
 HIST_BINS = 101
@@ -331,6 +331,7 @@ def layer_stats(layer: ReCUConv2d) -> dict[str, Any]:
     return _layer_record(layer, to_host(_layer_tensors(layer)))
 
 
+@torch.no_grad()
 def model_stats(model: nn.Module) -> list[dict[str, Any]]:
     """`layer_stats` of every ReCUConv2d in module order, each with its dotted name first;
     computed on the model's device and read back in one transfer."""

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from recu_cli.convert import ConvertConfig
-from recu_cli.models import ModelSpec
+from recu_cli.convert_config import ConvertConfig
+from recu_cli.spec import ModelSpec
 
 Top1 = Callable[[nn.Module], float]
 
@@ -58,8 +58,8 @@ def measure_step0(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Step 0 of `recu convert --data`: validation by a plain evaluation of `data`."""
+    from recu_cli.accuracy import evaluate
     from recu_cli.data import build_data, calibration_images, make_loader
-    from recu_cli.evaluate import evaluate
 
     bundle = build_data(data, spec, train=True)
     loader = make_loader(bundle.val, batch_size, workers)

@@ -48,7 +48,7 @@ def require_module(name: str, extra: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        absent(f"{name} cannot be imported ({e}): pip install -e \".[{extra}]\"")
+        absent(f'{name} cannot be imported ({e}): pip install -e ".[{extra}]"')
 
 
 def link_tree(dst: Path, per_split: dict[str, int]) -> Path:
@@ -83,7 +83,7 @@ def cifar_batch(n: int = 64, size: int = 32) -> tuple[torch.Tensor, torch.Tensor
     """n real CIFAR-10 val images (balanced over classes), normalised like the zoo models."""
     from torchvision import datasets, transforms
 
-    from recu_cli.models import IMAGENET_MEAN, IMAGENET_STD
+    from recu_cli.spec import IMAGENET_MEAN, IMAGENET_STD
 
     require_shared(CIFAR)
     tf = transforms.Compose(

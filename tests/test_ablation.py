@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from recu_cli.binarize import ReCUConv2d, sign_pos
-from recu_cli.convert import ConvertConfig, convert_model, set_tau
+from recu_cli.bnn import convert_model, set_tau
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.stats import dead_weight_share
 from recu_cli.training import FlipTracker

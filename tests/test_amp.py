@@ -7,7 +7,8 @@ import torch
 
 from recu_cli.binarize import BinaryConv2d, ReCUConv2d
 from recu_cli.binarize.functions import _ApproxSign, _RescaledApproxSign, rescale_activation
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.bnn import convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 
 HALF = [torch.bfloat16, torch.float16]

@@ -24,13 +24,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from recu_cli import pack
+from recu_cli.bnn import convert_model
 from recu_cli.cli import main
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.models import create_model
 from recu_cli.report.analysis import analyze, render_analysis
 from recu_cli.report.info import summarize
 from recu_cli.report.plots import require_matplotlib
+from recu_cli.stats import model_stats
 from tests.conftest import require_module
 
 
@@ -45,7 +47,7 @@ def make_packed(path: Path, *, latent: bool = False, noise: float = 0.0, seed: i
             for m in model.modules():
                 if hasattr(m, "tau"):
                     m.weight.add_(noise * torch.randn_like(m.weight))
-    pack.save(path, model, spec, config, keep_latent=latent)
+    pack.save(path, model, spec, config, keep_latent=latent, stats=model_stats(model))
     return path
 
 
@@ -180,6 +182,143 @@ def test_info_counts_latent_separately(files) -> None:
     assert t["deploy_bytes"] == t["file_bytes"] - t["latent_bytes"]
 
 
+def _slow_summary(path: Path, monkeypatch) -> dict:
+    """`summarize` as for a file without module records: from the rebuilt tree."""
+    with monkeypatch.context() as m:
+        m.setattr(pack, "checksum_matches", lambda *_: False)
+        return summarize(path)
+
+
+def test_info_records_are_what_the_rebuilt_tree_gives(files, tmp_path, monkeypatch) -> None:
+    """The records a new file stores (minor 1) are exactly what `info` computes from the
+    tree rebuilt from the recipe, so both paths print the same, for recu's zoo and a timm
+    ResNet with a max-pool, 1x1 shortcuts and global pooling."""
+    config = ConvertConfig(activation="prelu", act_threshold="learned")
+    model, spec = create_model("test_resnet", num_classes=7)
+    model, _ = convert_model(model, config)
+    timm_file = tmp_path / "timm.safetensors"
+    pack.save(timm_file, model, spec, config, stats=model_stats(model), keep_latent=True)
+    for path in (files["plain_old"], files["old"], timm_file):
+        packed = pack.read(path)
+        assert packed.format_minor == pack.schema.FORMAT_MINOR == 1
+        rebuilt = pack.module_records(pack.skeleton(packed), packed.spec.input_size, packed.tensors)
+        assert packed.modules == rebuilt
+        assert {r["name"] for r in packed.modules} == {n.rpartition(".")[0] for n in packed.tensors}
+        assert summarize(path) == _slow_summary(path, monkeypatch)
+    from recu_cli.binarize.layers import BinaryConv2d
+
+    types = {r["name"]: r["type"] for r in pack.read(timm_file).modules}
+    assert types["fc"] == "Linear" and BinaryConv2d.__name__ in types.values()
+    assert BinaryConv2d.__name__ == pack.schema.BINARY_TYPE  # the class load() builds
+
+
+def test_info_of_the_version_1_fixture_rebuilds_the_tree() -> None:
+    from tests.conftest import REPO
+
+    old = REPO / "tests" / "data" / "packed-v1-resnet20.safetensors"
+    assert pack.read(old).modules is None
+    t = summarize(old)["totals"]
+    assert t["bops"] == 6 * 2_359_296 + 2 * (1_179_648 + 5 * 2_359_296)
+
+
+def _with_meta(src: Path, dst: Path, edits: dict[str, str | None]) -> Path:
+    """A copy of a packed file with metadata values replaced (None: removed) and a
+    checksum that matches again: what a careful forger writes."""
+    from safetensors.torch import save as serialize
+
+    from recu_cli.checksum import with_checksum
+
+    with safe_open(str(src), "pt") as f:
+        meta = dict(f.metadata())
+    meta.pop("checksum")
+    for k, v in edits.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    dst.write_bytes(with_checksum(serialize, load_file(str(src)), meta))
+    return dst
+
+
+def _module_cases(records: list[dict]) -> dict[str, object]:
+    def edit(i: int, **kw) -> list[dict]:
+        out = [dict(r) for r in records]
+        out[i].update(kw)
+        return out
+
+    conv = next(i for i, r in enumerate(records) if r["type"] == "BinaryConv2d")
+    bn = next(i for i, r in enumerate(records) if r["type"] == "BatchNorm2d")
+    return {
+        "not a list": {"name": "conv1"},
+        "a record is a string": ["conv1", *records[1:]],
+        "extra key": edit(0, code="import os"),
+        "missing key": [{k: v for k, v in records[0].items() if k != "macs"}, *records[1:]],
+        "name not a string": edit(0, name=3),
+        "type not an identifier": edit(0, type="os.system('x')"),
+        "type empty": edit(0, type=""),
+        "output of a string": edit(0, output="16x32x32"),
+        "output with a zero": edit(0, output=[16, 0, 32]),
+        "output with a bool": edit(0, output=[True, 32, 32]),
+        "output too long": edit(0, output=[1] * 9),
+        "macs negative": edit(0, macs=-1),
+        "macs a float": edit(0, macs=1.5),
+        "macs huge": edit(0, macs=1 << 70),
+        "macs without output": edit(bn, macs=5),
+        "output without macs": edit(0, macs=None),
+        "listed twice": [*records, records[0]],
+        "a module missing": records[1:],
+        "a module too many": [
+            *records,
+            {"name": "ghost", "type": "X", "output": None, "macs": None},
+        ],
+        "binary layer of another type": edit(conv, type="Conv2d"),
+        "binary layer with other MACs": edit(conv, macs=records[conv]["macs"] + 1),
+        "binary layer with other channels": edit(conv, output=[17, 32, 32]),
+        "too many records": [records[0]] * (pack.schema.MAX_MODULES + 1),
+    }
+
+
+def test_module_records_are_checked_as_untrusted_input(files, tmp_path, capsys) -> None:
+    """Hostile 'modules' values behind a matching checksum: one line naming the damage,
+    from the reader, `info` and `load`; nothing torch-free crashes."""
+    src = files["plain_old"]
+    records = pack.read(src).modules
+    cases = {k: json.dumps(v) for k, v in _module_cases(records).items()}
+    cases |= {"not JSON": "[{", "records missing": None}
+    for what, value in cases.items():
+        path = _with_meta(src, tmp_path / "bad.safetensors", {"modules": value})
+        with pytest.raises(RecuError, match="is damaged") as e:
+            pack.read(path, verify=False, known=None)
+        assert "modules" in str(e.value) or "module record" in str(e.value), (what, e.value)
+        code, out, err = run_cli(["info", str(path)], capsys)
+        assert code == 2 and out == "" and err.strip().count("\n") == 0, (what, err)
+    for minor in ("x", "-1", "1.5", "9999999"):
+        path = _with_meta(src, tmp_path / "minor.safetensors", {"format_minor": minor})
+        with pytest.raises(RecuError, match="format_minor"):
+            pack.read(path, verify=False, known=None)
+    later = _with_meta(src, tmp_path / "later.safetensors", {"format_minor": "7"})
+    assert summarize(later) == summarize(src) | {"file": str(later)}  # minor: only additions
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_module_records_behind_a_matching_checksum(data) -> None:
+    """Random edits inside 'modules' of a file whose checksum matches (so `info` takes the
+    records' path): reading and summarizing work or raise one RecuError line."""
+    folder, meta, _ = _fuzz_base()
+    records = json.loads(meta["modules"])
+    i = data.draw(st.integers(0, len(records) - 1))
+    key = data.draw(st.sampled_from(["name", "type", "output", "macs"]))
+    records[i][key] = data.draw(JSON)
+    path = _with_meta(folder / "src.safetensors", folder / "fuzz-modules.safetensors",
+                      {"modules": json.dumps(records)})  # fmt: skip
+    for fn in (pack.read, summarize):
+        try:
+            fn(path)
+        except RecuError as e:
+            assert "\n" not in str(e)
+
+
 # ---------------------------------------------------------------- eval / convert
 
 
@@ -188,7 +327,7 @@ def test_convert_then_eval_packed(
 ) -> None:
     from torchvision import datasets
 
-    from recu_cli.convert import to_deploy
+    from recu_cli.bnn import to_deploy
     from recu_cli.data import build_transform
     from tests.conftest import link_tree
 

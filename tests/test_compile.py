@@ -21,7 +21,8 @@ from torch import nn
 
 from recu_cli.binarize.layers import ReCUConv2d
 from recu_cli.blocks import sign_friendly_activation
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
+from recu_cli.bnn import binary_layers, convert_model, set_tau
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.recipes import RECIPES
 from recu_cli.training.distill import FeatureTap, feature_points
@@ -226,7 +227,11 @@ def test_graph_flow_on_the_cpu_equals_the_plain_step_bit_for_bit(
     def fast(trainer):
         steps.append(
             FastStep(
-                trainer.cfg, trainer.info, trainer.parts, trainer.run.log, compile=False,
+                trainer.cfg,
+                trainer.info,
+                trainer.parts,
+                trainer.run.log,
+                compile=False,
                 runner=EagerRunner,
             )  # fmt: skip
         )

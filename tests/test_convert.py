@@ -10,7 +10,8 @@ from torch import nn
 
 from recu_cli.binarize import BinaryConv2d, ReCUConv2d
 from recu_cli.blocks import BiRealBasicBlock, BiRealBottleneck
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau, to_deploy
+from recu_cli.bnn import binary_layers, convert_model, set_tau, to_deploy
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.models import create_model
 from recu_cli.stats import dead_weight_share

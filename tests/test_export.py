@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 from tests.conftest import CIFAR, REPO, cifar_batch, link_tree, require_module, require_shared
 from tests.test_cli_models import assert_one_line_error, run_cli
 
@@ -53,6 +53,7 @@ def checkpoints(tmp_path_factory, small_cifar) -> dict[str, Path]:
         return buf.getvalue()
 
     cli(["convert", "resnet20", "--weights", str(weights), "-o", str(d / "converted.safetensors")])
+
     def binarize(name: str, *extra: str) -> Path:
         out = cli(["binarize", "resnet20", "--weights", str(weights), "--data", str(small_cifar),
                    "--epochs", "1", "--max-steps", "5", "-b", "16", "-j", "0", "-o", str(d),
@@ -127,8 +128,18 @@ def test_onnx_and_qonnx_match_recu_on_500_val_images(
         # the exact graph): run once, by the export's self-check on these 500 images, which
         # compares with recu's logits as below (test_failed_qonnx_verification_writes_nothing
         # shows that check refuses wrong logits)
-        report = _export(capsys, src, files["qonnx"], "--format", "qonnx",
-                         "--data", str(val500_dir), "--verify-batch", str(N_IMAGES), *rounding)
+        report = _export(
+            capsys,
+            src,
+            files["qonnx"],
+            "--format",
+            "qonnx",
+            "--data",
+            str(val500_dir),
+            "--verify-batch",
+            str(N_IMAGES),
+            *rounding,
+        )
         (qonnx_check,) = report["checks"]  # fmt: skip
         assert qonnx_check["images"] == N_IMAGES
         assert qonnx_check["inputs"].startswith(f"{N_IMAGES} val images of ")

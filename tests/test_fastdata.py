@@ -34,8 +34,7 @@ from recu_cli.fastdata.prefetch import Prefetcher
 from recu_cli.fastdata.resample import crop_box, crop_resize, resize_center_box
 from recu_cli.fastdata.resident import ResidentSet, ResidentTrainLoader, ResidentValLoader, augment
 from recu_cli.imagecheck import BadItem, collate
-from recu_cli.models import IMAGENET_MEAN, IMAGENET_STD
-from recu_cli.spec import ModelSpec
+from recu_cli.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from recu_cli.training.sampling import EpochBatchSampler, SeededItems
 from tests.conftest import link_tree
 from tests.test_trust import bad_tree

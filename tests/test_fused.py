@@ -100,7 +100,7 @@ def test_fused_block_is_bit_identical_to_the_float_block(shape, act, thresholds)
 
 
 def test_fused_block_takes_nchw_input_and_keeps_python_shortcuts() -> None:
-    from recu_cli.zoo import OptionAShortcut
+    from recu_cli.models.zoo import OptionAShortcut
 
     block = _block(16, 32, 3, 2, "hardtanh", True, seed=3)
     block.downsample = OptionAShortcut(8)  # no conv: the shortcut stays a Python module
@@ -163,7 +163,7 @@ def _random_stats(model: nn.Module, seed: int = 0) -> nn.Module:
 
 @pytest.mark.parametrize("name", ["resnet18", "tv:resnet18", "resnet20"])
 def test_whole_models_fuse_and_stay_bit_identical(name) -> None:
-    from recu_cli.convert import convert_model, to_deploy
+    from recu_cli.bnn import convert_model, to_deploy
     from recu_cli.models import create_model
     from recu_cli.runtime.fused import FusedBasicBlock, FusedStage, FusedStem, FusedStemTail
 
@@ -188,8 +188,9 @@ def test_whole_models_fuse_and_stay_bit_identical(name) -> None:
 
 def test_converted_resnet20_fused_on_real_images(resnet20_weights) -> None:
     """Pretrained weights, calibrated thresholds, real images: same logits as the float model."""
+    from recu_cli.bnn import convert_model, to_deploy
     from recu_cli.calibrate import calibrate_thresholds
-    from recu_cli.convert import ConvertConfig, convert_model, to_deploy
+    from recu_cli.convert_config import ConvertConfig
     from recu_cli.models import create_model
     from tests.conftest import cifar_batch
 
@@ -218,7 +219,7 @@ def test_quantize_u8_rounds_like_torch() -> None:
 
 def test_fp_layers_int8_is_close_and_calibrated(resnet20_weights) -> None:
     """int8 stem / shortcuts / classifier: not exact, but the BNN's predictions barely move."""
-    from recu_cli.convert import convert_model, to_deploy
+    from recu_cli.bnn import convert_model, to_deploy
     from recu_cli.models import create_model
     from recu_cli.runtime.fp_int8 import Int8Conv2d, Int8Linear
     from tests.conftest import cifar_batch

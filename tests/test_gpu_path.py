@@ -78,16 +78,16 @@ def test_resume_keeps_adam_steps_on_the_cpu_and_moves_the_rest_to_the_device(
     Trainer(cfg, quiet=True).fit()
     trainer = Trainer(TrainConfig(**{**cfg.__dict__, "max_steps": None}), tmp_path / "meta")
     device = torch.device("meta")
-    trainer.device = device
-    trainer.model.to(device)
-    trainer.optimizer = build_optimizer(trainer.model, trainer.cfg)
+    trainer.parts.device = device
+    trainer.parts.model.to(device)
+    trainer.parts.optimizer = build_optimizer(trainer.parts.model, trainer.cfg)
     trainer._load_resume()
-    states = list(trainer.optimizer.state.values())
+    states = list(trainer.parts.optimizer.state.values())
     assert states
     for st in states:
         assert st["step"].device.type == "cpu"
         assert st["exp_avg"].device == device and st["exp_avg_sq"].device == device
-    masks = [m for pair in trainer.flips.start.values() for m in pair]
+    masks = [m for pair in trainer.state.flips.start.values() for m in pair]
     assert masks and all(m.device == device for m in masks)
 
 
@@ -106,7 +106,7 @@ def test_resume_with_an_empty_grad_scaler_state_starts_a_fresh_scaler(
         deterministic=True,
     )  # fmt: skip
     first = Trainer(cfg, quiet=True)
-    assert first.scaler.is_enabled()  # fp16 autocast with a grad scaler, on the CPU too
+    assert first.parts.scaler.is_enabled()  # fp16 autocast with a grad scaler, on the CPU too
     first.fit()
     assert torch.are_deterministic_algorithms_enabled()
     path = tmp_path / "fp16" / "resume.pt"
@@ -117,7 +117,7 @@ def test_resume_with_an_empty_grad_scaler_state_starts_a_fresh_scaler(
     resumed = Trainer(
         TrainConfig(**{**cfg.__dict__, "max_steps": 5}), run_dir=tmp_path / "fp16", quiet=True
     )
-    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == 2.0**16
+    assert resumed.parts.scaler.is_enabled() and resumed.parts.scaler.get_scale() == 2.0**16
     result = resumed.fit()
     assert result["epochs"] == 2
     assert "starting a fresh scaler" in (tmp_path / "fp16" / "train.log").read_text()
@@ -176,28 +176,26 @@ def test_training_steps_queue_device_work_and_read_it_only_at_sync_points(
         small_cifar, resnet20_weights, tmp_path, "steps", max_steps=None, log_interval=log_interval
     )
     trainer = Trainer(cfg, quiet=True)
-    assert trainer.teacher is not None and trainer.steps_per_epoch == 7
+    assert trainer.parts.teacher is not None and trainer.steps_per_epoch == 7
     device = torch.device("meta")
-    trainer.device = device
-    trainer.model.to(device)
-    trainer.teacher.to(device)
-    trainer.optimizer = build_optimizer(trainer.model, trainer.cfg)
-    trainer._enter_stage(2, switching=False)  # the scheduler follows the new optimizer
-    trainer.metrics = StepMetrics(device)
+    trainer.parts.device = device
+    trainer.parts.model.to(device)
+    trainer.parts.teacher.to(device)
+    trainer.parts.optimizer = build_optimizer(trainer.parts.model, trainer.cfg)
+    trainer.loop.enter_stage(2, switching=False)  # the scheduler follows the new optimizer
+    trainer.state.metrics = StepMetrics(device)
     reads: list[int] = []
 
     def sync(stop_requested, info, save_wanted=False):
-        reads.append(trainer.pos.step_in_epoch)
+        reads.append(trainer.state.pos.step_in_epoch)
         raise _FirstRead
 
-    trainer.metrics.sync = sync
-    with make_progress(True) as progress, _StopOnSigint() as stop:
-        trainer.progress, trainer.stop = progress, stop
-        with pytest.raises(_FirstRead):
-            trainer._train_epoch()
+    trainer.state.metrics.sync = sync
+    with make_progress(True) as progress, _StopOnSigint() as stop, pytest.raises(_FirstRead):
+        trainer.loop.train_epoch(progress, stop)
     assert reads == [first_read]
-    assert trainer.pos.global_step == first_read
-    assert all(st["exp_avg"].device == device for st in trainer.optimizer.state.values())
+    assert trainer.state.pos.global_step == first_read
+    assert all(st["exp_avg"].device == device for st in trainer.parts.optimizer.state.values())
 
 
 def test_step_metrics_sum_as_python_floats_did_and_find_the_first_bad_step() -> None:

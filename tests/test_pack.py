@@ -15,9 +15,11 @@ from torchvision import transforms
 
 from recu_cli import pack
 from recu_cli.binarize.layers import BinaryConv2d
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, set_tau
+from recu_cli.bnn import binary_layers, convert_model, set_tau
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.report.info import summarize
+from recu_cli.stats import model_stats
 
 # ---------------------------------------------------------------- bit layout
 
@@ -130,7 +132,15 @@ def test_round_trip_after_training(
 
     history = [{"epoch": 0, "tau": 0.9, "top1": 12.5}, {"epoch": 1, "tau": 0.95, "top1": 20.0}]
     out = tmp_path / "sub" / f"{name}.safetensors"
-    summary = pack.save(out, model, spec, config, training={"steps": steps}, history=history)
+    summary = pack.save(
+        out,
+        model,
+        spec,
+        config,
+        training={"steps": steps},
+        history=history,
+        stats=model_stats(model),
+    )
     assert sorted(os.listdir(out.parent)) == [out.name]  # no .tmp left behind
     assert summary["bytes"] == out.stat().st_size
 
@@ -152,7 +162,7 @@ def test_keep_latent_restores_the_training_layers(tmp_path) -> None:
     model, spec = create_model("resnet20")
     model, _ = convert_model(model, config)
     path = tmp_path / "latent.safetensors"
-    summary = pack.save(path, model, spec, config, keep_latent=True)
+    summary = pack.save(path, model, spec, config, keep_latent=True, stats=model_stats(model))
     packed = pack.read(path)
     assert packed.has_latent and summary["latent_values"] == summary["binary_weights"]
     restored = pack.latent_layers(packed)
@@ -176,8 +186,10 @@ def test_resnet18_imagenet_sizes(tmp_path) -> None:
     model, _ = convert_model(model, config)
     layers = binary_layers(model)
 
-    full = pack.save(tmp_path / "r18.safetensors", model, spec, config)
-    half = pack.save(tmp_path / "r18-half.safetensors", model, spec, config, half=True)
+    full = pack.save(tmp_path / "r18.safetensors", model, spec, config, stats=model_stats(model))
+    half = pack.save(
+        tmp_path / "r18-half.safetensors", model, spec, config, half=True, stats=model_stats(model)
+    )
     assert full["binary_weights"] == 10_985_472
     rows = [(m.out_channels, m.weight[0].numel()) for _, m in layers]
     assert full["binary_bytes"] == sum(o * math.ceil(k / 8) for o, k in rows)
@@ -207,9 +219,9 @@ def test_save_is_atomic_and_replaces(tmp_path) -> None:
     model, spec = create_model("resnet20")
     model, _ = convert_model(model, config)
     path = tmp_path / "a" / "b" / "m.safetensors"
-    pack.save(path, model, spec, config)
+    pack.save(path, model, spec, config, stats=model_stats(model))
     first = path.read_bytes()
-    pack.save(path, model, spec, config, half=True)
+    pack.save(path, model, spec, config, half=True, stats=model_stats(model))
     assert path.read_bytes() != first and sorted(os.listdir(path.parent)) == ["m.safetensors"]
 
 
@@ -219,7 +231,7 @@ def test_load_leaves_rng_alone_and_cpu_rebuild_path_agrees(tmp_path, monkeypatch
     model, spec = create_model("resnet20")
     model, _ = convert_model(model, config)
     path = tmp_path / "m.safetensors"
-    pack.save(path, model, spec, config)
+    pack.save(path, model, spec, config, stats=model_stats(model))
     x = torch.randn(2, 3, 32, 32)
     state = torch.get_rng_state()
     fast = pack.load(path)

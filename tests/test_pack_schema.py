@@ -11,11 +11,14 @@ import pytest
 from safetensors import safe_open
 
 from recu_cli import pack
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.bnn import convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.fields import FieldError
-from recu_cli.models import ModelSpec, create_model
+from recu_cli.models import create_model
 from recu_cli.pack import schema
+from recu_cli.spec import ModelSpec
+from recu_cli.stats import model_stats
 from tests.conftest import REPO
 
 OLD = REPO / "tests" / "data" / "packed-v1-resnet20.safetensors"
@@ -79,7 +82,7 @@ def test_writer_output_matches_the_schema(tmp_path) -> None:
     model, spec = create_model("resnet20")
     model, _ = convert_model(model, config)
     path = tmp_path / "m.safetensors"
-    pack.save(path, model, spec, config, keep_latent=True)
+    pack.save(path, model, spec, config, keep_latent=True, stats=model_stats(model))
     with safe_open(str(path), "numpy") as f:
         meta, names = f.metadata(), set(f.keys())
     layers, stats = json.loads(meta[schema.LAYERS]), json.loads(meta[schema.STATS])

@@ -94,20 +94,19 @@ def test_int8_peers_calibrate_on_real_images_with_data(peers_report) -> None:
 def test_calibration_images_are_the_data_through_eval_transforms() -> None:
     from torchvision import datasets
 
-    from recu_cli.data import build_transform
+    from recu_cli.data import build_transform, spread_inputs
     from recu_cli.models import create_model
-    from recu_cli.peers.source import calibration_images
 
     require_shared(CIFAR)
     _, spec = create_model("resnet20")
-    xs, note = calibration_images(str(CIFAR), spec, 4)
+    xs, note = spread_inputs(str(CIFAR), spec, 4)
     ds = datasets.ImageFolder(str(CIFAR / "val"), transform=build_transform(spec, train=False))
     idx = torch.linspace(0, len(ds) - 1, 4).round().long().tolist()
     assert [ds.targets[i] for i in idx] == [0, 3, 6, 9]  # spread over the classes
     for x, i in zip(xs, idx, strict=True):
         assert x.shape == (1, *spec.input_size)
         assert torch.equal(x[0], ds[i][0])
-    rnd, rnote = calibration_images(None, spec, 3)
+    rnd, rnote = spread_inputs(None, spec, 3)
     assert len(rnd) == 3 and "random" in rnote and "--data" in rnote
 
 

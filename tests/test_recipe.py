@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recu_cli.binarize.layers import BinaryConv2d, ReCUConv2d
+from recu_cli.bnn import binary_layers, convert_model, to_deploy
 from recu_cli.calibrate import calibrate_thresholds, one_sided_share, sign_balance
-from recu_cli.convert import ConvertConfig, binary_layers, convert_model, to_deploy
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
+from recu_cli.stats import model_stats
 from recu_cli.training import TrainConfig, Trainer, param_groups
 from recu_cli.training.distill import attention_loss, attention_map, feature_points
 from tests.resume_checks import assert_continued, assert_fresh_run, saved_position
@@ -147,9 +149,7 @@ def thresholded_resnet20(weights: Path, images: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def test_packed_round_trip_with_thresholds_and_runtime_engines(
-    resnet20_weights, tmp_path
-) -> None:
+def test_packed_round_trip_with_thresholds_and_runtime_engines(resnet20_weights, tmp_path) -> None:
     from recu_cli import pack
     from recu_cli.runtime import to_runtime
     from tests.conftest import cifar_batch
@@ -160,7 +160,8 @@ def test_packed_round_trip_with_thresholds_and_runtime_engines(
     assert all(bool((t != 0).any()) for t in thr.values())
     spec = create_model("resnet20")[1]
     path = tmp_path / "t.safetensors"
-    pack.save(path, model, spec, ConvertConfig(activation="prelu", act_threshold="median"))
+    config = ConvertConfig(activation="prelu", act_threshold="median")
+    pack.save(path, model, spec, config, stats=model_stats(model))
     raw = load_file(path)
     for name, t in thr.items():
         assert torch.equal(raw[f"{name}.act_threshold"], t)
@@ -242,7 +243,10 @@ def finetune_config(data: Path, weights: Path, out: Path, name: str, **kw) -> Tr
 
 
 def test_two_stage_run_resumes_exactly_across_the_boundary(
-    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
+    capsys,
+    small_cifar,
+    resnet20_weights,
+    tmp_path,  # noqa: F811
 ) -> None:
     straight = finetune_config(small_cifar, resnet20_weights, tmp_path, "straight", epochs=2)
     assert straight.stage1_epochs == 1 and straight.feature_kd > 0
@@ -276,7 +280,10 @@ def test_two_stage_run_resumes_exactly_across_the_boundary(
 
 
 def test_sigint_inside_stage_two_resumes_to_the_bit(
-    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
+    capsys,
+    small_cifar,
+    resnet20_weights,
+    tmp_path,  # noqa: F811
 ) -> None:
     import re
     import signal
@@ -318,29 +325,34 @@ def test_sigint_inside_stage_two_resumes_to_the_bit(
 
 
 def test_stage_switch_changes_exactly_what_it_says(
-    small_cifar, resnet20_weights, tmp_path  # noqa: F811
+    small_cifar,
+    resnet20_weights,
+    tmp_path,  # noqa: F811
 ) -> None:
     cfg = finetune_config(small_cifar, resnet20_weights, tmp_path, "switch", epochs=2)
     trainer = Trainer(cfg, quiet=True)
-    assert trainer.stage == 1
-    assert all(not m.binarize_weights for _, m in binary_layers(trainer.model))
-    trainer.optimizer.state[next(trainer.model.parameters())]["x"] = torch.zeros(1)
+    assert trainer.state.stage == 1
+    assert all(not m.binarize_weights for _, m in binary_layers(trainer.parts.model))
+    trainer.parts.optimizer.state[next(trainer.parts.model.parameters())]["x"] = torch.zeros(1)
     with torch.no_grad():
-        for _, m in binary_layers(trainer.model):
+        for _, m in binary_layers(trainer.parts.model):
             m.alpha.fill_(1.0)  # as if stage 1 had moved them
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.pos.epoch, trainer.pos.global_step = 1, trainer.steps_per_epoch
-    trainer._enter_stage(2, switching=True)
-    after = trainer.model.state_dict()
+    before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
+    trainer.state.pos.epoch, trainer.state.pos.global_step = 1, trainer.steps_per_epoch
+    trainer.loop.enter_stage(2, switching=True)
+    after = trainer.parts.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {f"{n}.alpha" for n, _ in binary_layers(trainer.model)}
-    assert all(m.binarize_weights for _, m in binary_layers(trainer.model))
-    assert len(trainer.optimizer.state) == 0
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.base_lr)
+    assert changed == {f"{n}.alpha" for n, _ in binary_layers(trainer.parts.model)}
+    assert all(m.binarize_weights for _, m in binary_layers(trainer.parts.model))
+    assert len(trainer.parts.optimizer.state) == 0
+    assert trainer.parts.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.base_lr)
 
 
 def test_autocast_bf16_steps_of_the_recipe_on_cpu(
-    capsys, small_cifar, resnet20_weights, tmp_path  # noqa: F811
+    capsys,
+    small_cifar,
+    resnet20_weights,
+    tmp_path,  # noqa: F811
 ) -> None:
     """The mixed-precision path (CPU bf16 autocast = the CUDA bf16 code) trains and packs."""
     code, out, err = run_cli(

@@ -224,7 +224,7 @@ def test_bad_input_is_one_recu_error() -> None:
 @pytest.mark.parametrize("engine", ["int8", pytest.param("xnor", marks=needs_xnor)])
 def test_converted_resnet20_end_to_end_on_real_images(engine, resnet20_weights) -> None:
     """Pretrained ResNet-20, converted + deployed: same top-1 and logits as the float form."""
-    from recu_cli.convert import convert_model, to_deploy
+    from recu_cli.bnn import convert_model, to_deploy
     from recu_cli.models import create_model
     from tests.conftest import cifar_batch
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from recu_cli.commands import COMMAND_MODULES
+from tests.conftest import REPO
 
 HEAVY = {"torch", "timm", "torchvision"}
 COMMANDS = ["eval" if name == "evaluate" else name for name in COMMAND_MODULES]
@@ -36,3 +37,23 @@ def imported_modules(args: list[str]) -> set[str]:
 )
 def test_help_and_version_do_not_import_torch(args: list[str]) -> None:
     assert not imported_modules(args) & HEAVY
+
+
+def test_info_on_a_new_file_does_not_import_torch(tmp_path) -> None:
+    """`recu info FILE` prints a file written by this recu from its metadata alone: the
+    module records (format minor 1) and the checksum, no torch, timm or torchvision."""
+    from recu_cli import pack
+    from recu_cli.bnn import convert_model
+    from recu_cli.convert_config import ConvertConfig
+    from recu_cli.models import create_model
+    from recu_cli.stats import model_stats
+
+    config = ConvertConfig()
+    model, spec = create_model("resnet20")
+    model, _ = convert_model(model, config)
+    path = tmp_path / "r20.safetensors"
+    pack.save(path, model, spec, config, stats=model_stats(model))
+    for args in (["info", str(path)], ["info", str(path), "--json"]):
+        assert not imported_modules(args) & HEAVY
+    old = REPO / "tests" / "data" / "packed-v1-resnet20.safetensors"
+    assert "torch" in imported_modules(["info", str(old)])  # the rebuilt tree's path

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from recu_cli import convert
+from recu_cli import bnn
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import ConvertConfig, convert_model
+from recu_cli.bnn import convert_model
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.stats import (
     HIST_BINS,
@@ -137,9 +138,9 @@ def test_model_stats_on_a_converted_model() -> None:
     net, _ = create_model("resnet20")
     net, _ = convert_model(net, ConvertConfig(tau=0.9))
     stats = model_stats(net)
-    assert [s["name"] for s in stats] == [n for n, _ in convert.binary_layers(net)]
+    assert [s["name"] for s in stats] == [n for n, _ in bnn.binary_layers(net)]
     share = dead_weight_share(net)
-    masks = [m.dead_mask() for _, m in convert.binary_layers(net)]
+    masks = [m.dead_mask() for _, m in bnn.binary_layers(net)]
     assert share == pytest.approx(sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks))
     assert totals(stats)["dead_share"] == pytest.approx(share)
     for s in stats:

@@ -237,14 +237,59 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     run = tmp_path / "nan"
     good = (run / "last.safetensors").read_bytes()
     resumed = Trainer(TrainConfig(**{**cfg.__dict__, "max_steps": None}), run_dir=run, quiet=True)
-    for group in resumed.optimizer.param_groups:
+    for group in resumed.parts.optimizer.param_groups:
         group["lr"] = 1e38  # a learning rate that makes the weights overflow
-    resumed.scheduler.base_values = [1e38 for _ in resumed.scheduler.base_values]
+    resumed.state.scheduler.base_values = [1e38 for _ in resumed.state.scheduler.base_values]
     with pytest.raises(TrainingStopped, match=r"loss became (nan|inf)") as exc:
         resumed.fit()
     assert exc.value.exit_code == 1
     assert (run / "last.safetensors").read_bytes() == good
     assert not list(run.glob("*.tmp"))
+
+
+def test_run_folder_works_on_its_own_from_plain_values(tmp_path) -> None:
+    """A RunFolder without a Trainer: last.safetensors at every kept epoch, best only when
+    top-1 beats the best so far (it decides, the caller keeps the best), resume.pt from a
+    payload, summary.csv, the lock; the model it is given is left as it was."""
+    from recu_cli import pack
+    from recu_cli.bnn import convert_model
+    from recu_cli.convert_config import ConvertConfig
+    from recu_cli.models import create_model
+    from recu_cli.stats import model_stats
+    from recu_cli.training.distributed import DistInfo
+    from recu_cli.training.run_folder import RunFolder
+
+    config = ConvertConfig()
+    model, spec = create_model("resnet20")
+    model, _ = convert_model(model, config)
+    stats = model_stats(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run, created = RunFolder.create(tmp_path, "alone", "resnet20", DistInfo(), quiet=True)
+    assert created and run.path == tmp_path / "alone"
+    run.open(resuming=False)
+    best, verdicts = -1.0, []
+    for epoch, top1 in enumerate((10.0, 5.0, 12.5, 12.5), start=1):
+        is_best = run.keep_epoch(
+            top1, best, model, spec, config, stats=stats, training={"epoch": epoch},
+            history=[{"epoch": epoch}], half=epoch == 4,
+        )  # fmt: skip
+        verdicts.append(is_best)
+        best = top1 if is_best else best
+    assert verdicts == [True, False, True, False]
+    last, kept = pack.read(run.path / "last.safetensors"), pack.read(run.path / "best.safetensors")
+    assert last.training == {"epoch": 4} and last.storage["float_dtype"] == "F16"
+    assert kept.training == {"epoch": 3} and kept.history == [{"epoch": 3}]
+    assert kept.stats == json.loads(json.dumps(stats))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    run.save_resume({"position": {"epoch": 4}, "weights": torch.ones(2)})
+    saved = torch.load(run.resume_path, weights_only=True)
+    assert saved["position"] == {"epoch": 4} and torch.equal(saved["weights"], torch.ones(2))
+    run.write_summary([{"epoch": 1, "val_top1": 10.0}])
+    rows = list(csv.DictReader((run.path / "summary.csv").open()))
+    assert rows[0]["epoch"] == "1" and rows[0]["val_top1"] == "10"
+    run.close()
+    names = sorted(p.name for p in run.path.iterdir())
+    assert names == [".lock", "best.safetensors", "last.safetensors", "resume.pt", "summary.csv"]
 
 
 @pytest.mark.parametrize(

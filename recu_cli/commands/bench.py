@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -50,23 +49,6 @@ def _engines(text: str) -> tuple[list[str], dict[str, tuple[bool, str]]]:
         if not status[e][0]:
             raise RecuError(f"engine {e} cannot run here: {status[e][1]}", exit_code=1)
     return chosen, status
-
-
-def _load(target: str) -> tuple[object, object, str]:
-    """(deploy model, model spec, display name) from a packed file or a model name."""
-    path = Path(target)
-    if path.is_file() or target.endswith(".safetensors"):
-        if not path.is_file():
-            raise RecuError(f"{target} does not exist; give a packed checkpoint or a model name")
-        from recu_cli.pack import load, read_spec
-
-        return load(path), read_spec(path), str(path)
-    from recu_cli.convert import convert_model, to_deploy
-    from recu_cli.models import create_model
-
-    model, spec = create_model(target)
-    model, _ = convert_model(model)
-    return to_deploy(model), spec, spec.full_name
 
 
 def _ms(t: dict | None) -> str:
@@ -283,7 +265,10 @@ def bench(
                      seed, channels_last, data, json_out, quiet, fp_layers, rounds)  # fmt: skip
         return
     chosen, status = _engines(engine)
-    model, spec, name = _load(target)
+    from recu_cli.targets import load_target
+
+    loaded = load_target(target)
+    model, spec, name = loaded.model, loaded.spec, loaded.name
     input_size = tuple(spec.input_size)
     if img_size is not None:
         input_size = (input_size[0], img_size, img_size)
@@ -298,10 +283,10 @@ def bench(
     if fp_layers == "int8" and data is not None:
         import torch
 
-        from recu_cli.peers.source import calibration_images
+        from recu_cli.data import spread_inputs
 
         spec = dataclasses.replace(spec, input_size=tuple(input_size))
-        calibration = [torch.cat(calibration_images(data, spec, 16)[0])]
+        calibration = [torch.cat(spread_inputs(data, spec, 16)[0])]
     results = run_benchmark(
         model, input_size, chosen, thread_list, batch_list, min_time=min_time,
         min_runs=min_runs, layers=layers, seed=seed, channels_last=channels_last, on_step=step,

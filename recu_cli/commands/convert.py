@@ -55,8 +55,8 @@ def convert(
     **conversion: Any,
 ) -> None:
     """Binarize MODEL's convolutions (no training) and print what became binary and why."""
-    from recu_cli.convert import check_keep, convert_model
-    from recu_cli.models import create_model
+    from recu_cli.bnn import check_keep, convert_model
+    from recu_cli.models.create import create_model
 
     if not dry_run and output is None:
         raise RecuError(
@@ -88,8 +88,11 @@ def convert(
         )
     if output is not None:
         from recu_cli.pack import save
+        from recu_cli.stats import model_stats
 
-        summary = save(output, net, spec, config, half=half, keep_latent=keep_latent)
+        summary = save(
+            output, net, spec, config, stats=model_stats(net), half=half, keep_latent=keep_latent
+        )
         result["output"] = str(output)
         result["file"] = summary
     if json_out:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -69,39 +68,26 @@ def eval_cmd(
     """Top-1 / top-5 accuracy (percent) on the validation split."""
     import torch
 
+    from recu_cli.accuracy import evaluate
     from recu_cli.data import build_data, make_loader
     from recu_cli.devices import pick_device
-    from recu_cli.evaluate import evaluate
+    from recu_cli.targets import is_packed_file, load_target
 
+    if runtime != "torch" and not is_packed_file(model):
+        raise RecuError("--runtime applies to packed checkpoints; convert or train one first")
     dev = pick_device(device)
-    path = Path(model)
-    if path.is_file() or model.endswith(".safetensors"):
-        if weights or pretrained or binarize:
-            raise RecuError(
-                "--weights/--pretrained/--binarize apply to model names, not packed files"
-            )
-        from recu_cli.pack import load, read_spec
-
-        spec = read_spec(path)
-        net = load(path)
-        if runtime != "torch" and dev.type != "cpu":
-            if device:
-                raise RecuError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
-            dev = torch.device("cpu")
-        name = str(path)
-    else:
-        if runtime != "torch":
-            raise RecuError("--runtime applies to packed checkpoints; convert or train one first")
-        from recu_cli.models import create_model
-
-        net, spec = create_model(
-            model, num_classes=num_classes, pretrained=pretrained, weights=weights
-        )
-        if binarize:
-            from recu_cli.convert import convert_model
-
-            net, _ = convert_model(net)
-        name = spec.full_name
+    target = load_target(
+        model,
+        "converted" if binarize else "float",
+        num_classes=num_classes,
+        pretrained=pretrained,
+        weights=weights,
+    )
+    net, spec, name = target.model, target.spec, target.name
+    if runtime != "torch" and dev.type != "cpu":
+        if device:
+            raise RecuError(f"--runtime {runtime} runs on the CPU; drop --device {device}")
+        dev = torch.device("cpu")
     bundle = build_data(data, spec, train=False)
     from recu_cli.imagecheck import check_tree
 

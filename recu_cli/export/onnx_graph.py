@@ -42,7 +42,7 @@ from recu_cli.export.onnx_nodes import (
     pack_bits,
 )
 from recu_cli.export.onnx_walk import trace, write_graph
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 
 __all__ = [
     "OPSET",

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from recu_cli.errors import RecuError
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 
 META_FILE = "recu_meta.json"
 MAX_BATCH = 65536

@@ -30,7 +30,7 @@ from recu_cli.export.onnx_graph import (
     GraphBuilder,
     build_model,
 )
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 
 QONNX_OPSET = 1
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from recu_cli.errors import RecuError
-from recu_cli.models import ModelSpec
+from recu_cli.spec import ModelSpec
 
 # Max abs logit difference allowed, times max(1, max |reference logit|): float runtimes sum
 # the fp layers (stem, BatchNorm, classifier) in other orders, which moves logits by ~1e-6.

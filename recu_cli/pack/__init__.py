@@ -7,8 +7,9 @@ the model name is only checked against the registries (`recu_cli.models.is_known
 
 Modules: `schema` (names and records shared by writer and validator), `bits` (the 1-bit
 encoding), `write` (`save`), `header` (safetensors framing), `validate` (metadata checks),
-`reader` (`read`, `PackedFile`), `rebuild` (tensors, `load`). Importing this package, the
-schema, header, validator and reader does not import torch; the names that need it
+`packed_file` (`PackedFile`, `parse`, the checksum check), `reader` (`read`, `read_spec`),
+`rebuild` (the recipe's module tree, tensors, `load`). Importing this package, the schema,
+header, validator, packed_file and reader does not import torch; the names that need it
 (`save`, `load`, ...) are imported from their module on first use.
 """
 
@@ -18,7 +19,8 @@ import importlib
 from typing import Any
 
 from recu_cli.pack.header import MAX_HEADER_BYTES, TensorInfo
-from recu_cli.pack.reader import PackedFile, read, read_spec, verify_checksum
+from recu_cli.pack.packed_file import PackedFile, checksum_matches, parse, verify_checksum
+from recu_cli.pack.reader import read, read_spec
 from recu_cli.pack.schema import (
     BITS_SUFFIX,
     DTYPE_BYTES,
@@ -35,16 +37,18 @@ _TORCH_NAMES = {
     "pack_signs": "bits",
     "unpack_signs": "bits",
     "save": "write",
+    "build_tree": "rebuild",
     "check_against_recipe": "rebuild",
     "check_finite": "rebuild",
     "expected_tensors": "rebuild",
     "latent_layers": "rebuild",
     "load": "rebuild",
+    "module_records": "rebuild",
     "read_signs": "rebuild",
     "read_tensors": "rebuild",
     "skeleton": "rebuild",
 }
-_MODULES = ("bits", "header", "reader", "rebuild", "schema", "validate", "write")
+_MODULES = ("bits", "header", "packed_file", "reader", "rebuild", "schema", "validate", "write")
 
 __all__ = [
     "BITS_SUFFIX",
@@ -59,6 +63,8 @@ __all__ = [
     "PLAIN_FORMATS",
     "PackedFile",
     "TensorInfo",
+    "checksum_matches",
+    "parse",
     "read",
     "read_spec",
     "verify_checksum",

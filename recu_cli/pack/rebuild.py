@@ -1,34 +1,43 @@
-"""Tensors of a packed file and the deploy model rebuilt from it (docs/format.md section 5)."""
+"""Tensors of a packed file, the module tree its recipe builds, and the deploy model
+rebuilt from it (docs/format.md section 5)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import binary_layers, convert_model, to_deploy
-from recu_cli.errors import RecuError
-from recu_cli.models import create_model, few
+from recu_cli.bnn import binary_layers, convert_model, to_deploy
+from recu_cli.convert_config import ConvertConfig
+from recu_cli.errors import RecuError, few
+from recu_cli.models.create import create_model
+from recu_cli.module_facts import module_facts
 from recu_cli.pack import schema as s
 from recu_cli.pack.bits import unpack_signs
 from recu_cli.pack.header import damaged
-from recu_cli.pack.reader import PackedFile, read, verify_checksum
+from recu_cli.pack.packed_file import PackedFile, parse, verify_checksum
+from recu_cli.spec import ModelSpec
 
 
-def _build(packed: PackedFile, device: torch.device | str) -> nn.Module:
-    """create_model (no weights) -> convert_model(recipe): the training-form tree."""
+def build_tree(
+    spec: ModelSpec, recipe: ConvertConfig, device: torch.device | str, path: Path
+) -> nn.Module:
+    """create_model (no weights) -> convert_model(recipe): the training-form tree that a
+    file at `path` with this spec and recipe holds (named in errors)."""
     with torch.random.fork_rng(devices=[]), torch.device(device):
         try:
-            model, _ = create_model(packed.spec.full_name, num_classes=packed.spec.num_classes)
-            model, _ = convert_model(model, packed.recipe)
+            model, _ = create_model(spec.full_name, num_classes=spec.num_classes)
+            model, _ = convert_model(model, recipe)
         except RecuError as e:
-            raise RecuError(f"{packed.path}: cannot rebuild the model from its recipe: {e}") from e
+            raise RecuError(f"{path}: cannot rebuild the model from its recipe: {e}") from e
         except Exception as e:  # noqa: BLE001 - a hostile spec can fail anywhere in a builder
             raise RecuError(
-                f"{packed.path}: cannot rebuild {packed.spec.full_name} from its recipe "
+                f"{path}: cannot rebuild {spec.full_name} from its recipe "
                 f"({type(e).__name__}: {str(e)[:120]}); the file is damaged or from another "
                 "library version"
             ) from e
@@ -37,7 +46,26 @@ def _build(packed: PackedFile, device: torch.device | str) -> nn.Module:
 
 def skeleton(packed: PackedFile) -> nn.Module:
     """The training-form module tree on the meta device: shapes only, free to build."""
-    return _build(packed, "meta")
+    return build_tree(packed.spec, packed.recipe, "meta", packed.path)
+
+
+def module_records(
+    model: nn.Module, input_size: tuple[int, ...], tensor_names: Iterable[str]
+) -> list[dict[str, Any]]:
+    """Metadata 'modules' of a file holding `tensor_names` for the training-form `model`:
+    every module that owns a tensor, in module order (docs/format.md section 4.2)."""
+    owners = {s.owner(name) for name in tensor_names}
+    binary = {name for name, _ in binary_layers(model)}
+    return [
+        s.ModuleRecord(
+            name=name,
+            type=s.BINARY_TYPE if name in binary else fact.type,
+            output=list(fact.output) if fact.output is not None else None,
+            macs=fact.macs if fact.output is not None else None,
+        ).to_dict()
+        for name, fact in module_facts(model, input_size).items()
+        if name in owners
+    ]
 
 
 def expected_tensors(
@@ -186,7 +214,7 @@ def _deploy_state(packed: PackedFile, model: nn.Module) -> dict[str, torch.Tenso
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the deploy model (BinaryConv2d layers) from the file alone, in eval mode."""
-    packed = read(path, verify=False, checksum=False)
+    packed, _ = parse(Path(path))
     model = skeleton(packed)
     check_against_recipe(packed, model)
     verify_checksum(packed)
@@ -197,7 +225,8 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     if _materializable(model):
         model = model.to_empty(device=device)
     else:
-        model = to_deploy(_build(packed, "cpu"), inplace=True).to(device)
+        tree = build_tree(packed.spec, packed.recipe, "cpu", packed.path)
+        model = to_deploy(tree, inplace=True).to(device)
     own = model.state_dict()
     with torch.no_grad():
         for key, value in state.items():

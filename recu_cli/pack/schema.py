@@ -1,8 +1,9 @@
 """The packed format's names, in one place for the writer and the validator (docs/format.md).
 
 Tensor names, metadata keys, the bit encoding, dtypes, and the records stored per binary
-layer (`LayerEntry` in metadata 'layers', `LayerStats` in 'stats'). No torch: reading a
-file's header and metadata must not pay for importing it.
+layer (`LayerEntry` in metadata 'layers', `LayerStats` in 'stats') and per module
+(`ModuleRecord` in 'modules'). No torch: reading a file's header and metadata must not pay
+for importing it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ MAGIC = "recu-packed"
 FORMAT_VERSION = 2  # 2: optional <layer>.act_threshold tensors (version 1 files still load)
 # metadata "checksum" (checksum.py) is optional within version 2, so older readers still
 # read new files; a file without one loads with a note
+# minor versions add metadata that readers of the same major version may ignore (section 4)
+FORMAT_MINOR = 1  # 1: 'modules' (what `recu info` prints per module, so it needs no torch)
 PLAIN_FORMATS = ("pt", "tf", "flax", "np", "mlx", "paddle")  # what other writers put there
 
 # ---------------------------------------------------------------- tensors (section 2)
@@ -78,6 +81,7 @@ KIND_DTYPES = {"bits": {"U8"}, "float": FLOAT_DTYPES, "int": INT_DTYPES | {"BOOL
 CHECKSUM = checksum.KEY  # plain string, optional within version 2 (section 4.1)
 FORMAT = "format"  # plain string: MAGIC
 VERSION = "format_version"  # plain string: decimal
+MINOR = "format_minor"  # plain string: decimal; absent = 0
 RECU_VERSION = "recu_version"  # plain string
 MODEL = "model"
 RECIPE = "recipe"
@@ -88,6 +92,7 @@ STORAGE = "storage"
 STATS = "stats"
 TRAINING = "training"
 HISTORY = "history"
+MODULES = "modules"  # since minor 1
 
 ENCODING = {
     "values": "sign(W2) = sign(clamp(W1, -Q, Q)) = sign(W - per-filter mean), in {-1, +1}",
@@ -161,3 +166,26 @@ class LayerStats:
 STAT_NUMBERS = tuple(
     f.name for f in fields(LayerStats) if f.type in ("int", "float", "float | None")
 )
+
+
+# ---------------------------------------------------------------- modules (section 4.2)
+
+BINARY_TYPE = "BinaryConv2d"  # a binary layer's class in the deploy model `load` rebuilds
+MAX_MODULES = 100_000  # more records than any CNN has: a bound for untrusted files
+MAX_OUTPUT_DIMS = 8
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    """One entry of metadata 'modules' (minor version 1): a module of the deploy model that
+    owns tensors of the file, in module order, with its class name, per-sample output shape
+    and MACs at the recorded input size (both null where not a conv/linear layer or where
+    the shapes could not be computed). A binary layer's MACs are its BOPs."""
+
+    name: str
+    type: str
+    output: list[int] | None
+    macs: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,15 @@ def check_magic(path: Path, meta: dict[str, str]) -> int:
     if v < 1:
         raise RecuError(f"{path} has unsupported packed format version {v}; write it again")
     return v
+
+
+def check_minor(path: Path, meta: dict[str, str]) -> int:
+    """The minor version (absent = 0). Minor versions only add metadata, so a larger one
+    than this recu knows is read as the largest it knows."""
+    minor = meta.get(s.MINOR, "0")
+    if not (isinstance(minor, str) and minor.isdigit() and len(minor) < 6):
+        raise damaged(path, f"metadata '{s.MINOR}' is not a decimal number below 100000")
+    return int(minor)
 
 
 def field(path: Path, meta: dict[str, str], key: str) -> Any:
@@ -243,3 +253,55 @@ def check_training(path: Path, training: Any) -> dict[str, Any] | None:
     if training is not None and not isinstance(training, dict):
         raise damaged(path, f"metadata '{s.TRAINING}' is not an object")
     return training
+
+
+def parse_modules(
+    path: Path, d: Any, layers: list[dict[str, Any]], tensors: Iterable[str]
+) -> list[dict[str, Any]]:
+    """Metadata 'modules' (minor 1): a record per module that owns tensors, each well typed
+    and bounded, exactly the owners of the file's tensors, and for a binary layer a
+    `BinaryConv2d` whose output channels and MACs follow from its recorded shape.
+    `tensors`: the file's tensor names."""
+    if not (isinstance(d, list) and len(d) <= s.MAX_MODULES):
+        raise damaged(path, f"metadata '{s.MODULES}' is not a list of module records")
+    keys = [f.name for f in fields(s.ModuleRecord)]
+    seen: set[str] = set()
+    for e in d:
+        if not (isinstance(e, dict) and sorted(e) == sorted(keys) and _module_ok(e)):
+            raise damaged(path, f"metadata '{s.MODULES}' has a malformed record")
+        if e["name"] in seen:
+            raise damaged(path, f"module '{e['name'][:80]}' is listed twice in '{s.MODULES}'")
+        seen.add(e["name"])
+    owners = {s.owner(name) for name in tensors}
+    if seen != owners:
+        odd = sorted(seen ^ owners)[0]
+        raise damaged(path, f"'{s.MODULES}' and the tensors disagree about module '{odd[:80]}'")
+    by_name = {e["name"]: e for e in d}
+    for layer in layers:
+        e = by_name[layer["name"]]  # every binary layer owns its bits tensor
+        shape, out = layer["shape"], e["output"]
+        fits = out is None or (out[0] == shape[0] and e["macs"] == math.prod(out + shape[1:]))
+        if e["type"] != s.BINARY_TYPE or not fits:
+            raise damaged(path, f"module record of '{layer['name'][:80]}' does not fit its layer")
+    return d
+
+
+def _module_ok(e: dict[str, Any]) -> bool:
+    name, kind, output, macs = e["name"], e["type"], e["output"], e["macs"]
+    return (
+        isinstance(name, str)
+        and len(name) <= 1000
+        and isinstance(kind, str)
+        and 0 < len(kind) <= 100
+        and kind.isidentifier()
+        and (output is None) == (macs is None)
+        and (
+            output is None
+            or (
+                isinstance(output, list)
+                and 0 < len(output) <= s.MAX_OUTPUT_DIMS
+                and all(is_int(x, 1, 1 << 31) for x in output)
+                and is_int(macs, 0, 1 << 62)
+            )
+        )
+    )

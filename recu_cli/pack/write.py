@@ -1,4 +1,7 @@
-"""`save`: a training-form model -> packed file, atomically (docs/format.md sections 2-4)."""
+"""`save`: a training-form model -> packed file, atomically (docs/format.md sections 2-4).
+
+The caller brings the statistics the file stores (`recu_cli.stats.model_stats(model)`):
+the format records them, the statistics module computes them."""
 
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ from torch import nn
 from recu_cli import __version__
 from recu_cli.atomic import atomic_path
 from recu_cli.binarize.layers import ReCUConv2d
-from recu_cli.convert import ConvertConfig, binary_layers
+from recu_cli.bnn import binary_layers
+from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
 from recu_cli.pack import schema as s
 from recu_cli.pack.bits import pack_signs
+from recu_cli.pack.rebuild import build_tree, module_records
+from recu_cli.pack.validate import parse_modules
 from recu_cli.spec import ModelSpec
 
 
@@ -26,6 +32,7 @@ def save(
     spec: ModelSpec,
     config: ConvertConfig,
     *,
+    stats: list[dict[str, Any]],
     half: bool = False,
     keep_latent: bool = False,
     training: dict | None = None,
@@ -33,12 +40,14 @@ def save(
 ) -> dict[str, Any]:
     """Write `model` (training form, with ReCUConv2d layers) as a packed file, atomically.
 
-    Returns a summary: bytes on disk, binary weights, full-precision values and more.
+    `stats`: one `LayerStats` dict per binary layer, with its name first, in module order
+    (`recu_cli.stats.model_stats(model)`). Returns a summary: bytes on disk, binary
+    weights, full-precision values and more.
     """
-    from recu_cli.stats import model_stats
-
     path = Path(path)
     layers = binary_layers(model)
+    if [x.get("name") for x in stats] != [n for n, _ in layers]:
+        raise ValueError("stats must list the model's binary layers in order (model_stats)")
     owners = {n for n, _ in layers}
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -53,7 +62,7 @@ def save(
         for key, value in model.state_dict().items():
             if s.owner(key) not in owners:
                 tensors[key] = _stored(value, half)
-        stats = model_stats(model)
+    entries = [_layer_entry(n, m).to_dict() for n, m in layers]
     first_float = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
     float_dtype = "F16" if half else _dtype_name(first_float or torch.float32)
     metadata = {
@@ -63,12 +72,13 @@ def save(
         s.MODEL: _json(spec.to_dict()),
         s.RECIPE: _json(config.to_dict()),
         s.ENCODING_KEY: _json(s.ENCODING),
-        s.LAYERS: _json([_layer_entry(n, m).to_dict() for n, m in layers]),
+        s.LAYERS: _json(entries),
         s.TAU: _json(_common_tau(layers)),
         s.STORAGE: _json({"float_dtype": float_dtype, "latent": bool(keep_latent)}),
         s.STATS: _json(stats),
         s.TRAINING: _json(training),
         s.HISTORY: _json(history),
+        **_module_metadata(path, spec, config, tensors, entries),
     }
     _write_atomic(path, tensors, metadata)
     return _summary(path, tensors, layers, half=half, keep_latent=keep_latent)
@@ -161,6 +171,27 @@ def _layer_entry(name: str, layer: ReCUConv2d) -> s.LayerEntry:
         tau=float(layer.tau),
         alpha_mode=layer.alpha_mode,
     )
+
+
+def _module_metadata(
+    path: Path,
+    spec: ModelSpec,
+    config: ConvertConfig,
+    tensors: dict[str, torch.Tensor],
+    layers: list[dict[str, Any]],
+) -> dict[str, str]:
+    """Metadata 'modules' and the minor version that announces it, from the tree that
+    `load` rebuilds (on the meta device: no memory, no compute), so `recu info` prints
+    them without torch. Checked by the reader's own validator: nothing when the spec and
+    recipe build no tree, or another one than `model` (the file then fails to load as
+    well, with that error)."""
+    try:
+        tree = build_tree(spec, config, "meta", path)
+        records = module_records(tree, spec.input_size, tensors)
+        parse_modules(path, records, layers, tensors)
+    except RecuError:
+        return {}
+    return {s.MINOR: str(s.FORMAT_MINOR), s.MODULES: _json(records)}
 
 
 def _common_tau(layers: list[tuple[str, ReCUConv2d]]) -> float | None:

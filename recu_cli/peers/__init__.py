@@ -136,11 +136,11 @@ def run_peers(
     recu's entries; the peers' layouts are fixed by their keys. rounds: each entry is
     timed once per round, round after round over all entries, and keeps its best median.
     """
-    from recu_cli.peers.source import calibration_images
+    from recu_cli.data import spread_inputs
     from recu_cli.runtime.benchmark import measure
 
     input_size = tuple(models.spec.input_size)
-    calib, calib_note = calibration_images(data, models.spec, CALIB_IMAGES, seed)
+    calib, calib_note = spread_inputs(data, models.spec, CALIB_IMAGES, seed)
     float_model = copy.deepcopy(models.float_model).cpu().eval()
     deploy = copy.deepcopy(models.deploy).cpu().eval()
     deploy_ref = deploy.to(memory_format=torch.channels_last) if channels_last else deploy

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from recu_cli.convert import ConversionReport
+from recu_cli.bnn import ConversionReport
 
 
 def render_conversion(

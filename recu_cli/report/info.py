@@ -1,10 +1,13 @@
 """`recu info`: a Larq-style summary computed from the file itself.
 
 Parameter counts and bytes come from the safetensors header (real bytes on disk, not a
-model's idea of them); output sizes for BOPs/FLOPs come from one forward of the rebuilt
-module tree on the meta device at the recorded input size (shapes only, no compute).
-Conventions: 1 MAC = 1 FLOP (or 1 BOP for a binary conv), as in Bi-Real/ReActNet/ReCU;
-OPs = BOPs / 64 + FLOPs; BN, activations and the alpha scaling are not counted.
+model's idea of them); each module's class, output size and MACs (for BOPs/FLOPs) from the
+file's metadata 'modules' (docs/format.md section 4.2), written with it. Files without
+those records (older ones), or whose checksum does not match, get them from one forward
+of the module tree rebuilt from the recipe on the meta device, which also checks their
+tensors against it: the only path that imports torch. Conventions: 1 MAC = 1 FLOP (or
+1 BOP for a binary conv), as in Bi-Real/ReActNet/ReCU; OPs = BOPs / 64 + FLOPs; BN,
+activations and the alpha scaling are not counted.
 """
 
 from __future__ import annotations
@@ -21,32 +24,23 @@ from recu_cli.report.fit import Column, fitted_table
 
 if TYPE_CHECKING:
     from recu_cli.pack import PackedFile, TensorInfo
-    from recu_cli.report.modules import ModuleFacts
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
-    """Per-module and total sizes and compute of a packed file, JSON-ready.
-
-    Sizes come from the header alone; the module classes and compute need the rebuilt tree
-    (report/modules.py), which is also what checks the tensors against the recipe."""
+    """Per-module and total sizes and compute of a packed file, JSON-ready."""
     from recu_cli import pack
-    from recu_cli.report.modules import module_facts
 
-    packed = pack.read(path, verify=False, checksum=False)
-    model = pack.skeleton(packed)
-    pack.check_against_recipe(packed, model)
-    pack.verify_checksum(packed)  # last: damage of a known kind gets its own message
-    facts = module_facts(model, packed.spec.input_size)
+    packed, header = pack.parse(Path(path), known=None)
+    if packed.modules is not None and pack.checksum_matches(packed, header):
+        records = packed.modules
+    else:
+        packed, records = _rebuilt_records(path)
     binary = {e["name"]: e for e in packed.layers}
     by_owner: dict[str, list[TensorInfo]] = {}
     for info in packed.tensors.values():
         by_owner.setdefault(info.name.rpartition(".")[0], []).append(info)
-    rows = []
-    for name, fact in facts.items():
-        if name not in by_owner:
-            continue
-        rows.append(_row(name, fact, by_owner.pop(name), binary.get(name)))
-    computed = any(f.output is not None for f in facts.values())
+    rows = [_row(r, by_owner[r["name"]], binary.get(r["name"])) for r in records]
+    computed = any(r["output"] is not None for r in records)
     t = _totals(packed, rows, computed)
     return {
         "file": str(packed.path),
@@ -62,23 +56,34 @@ def summarize(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _rebuilt_records(path: str | Path) -> tuple[PackedFile, list[dict[str, Any]]]:
+    """The module records of the tree the recipe builds, after checking the file fully
+    against it (model name, tensors, checksum last: damage of a known kind gets its own
+    message)."""
+    from recu_cli import pack
+
+    packed = pack.read(path, verify=False, checksum=False)
+    model = pack.skeleton(packed)
+    pack.check_against_recipe(packed, model)
+    pack.verify_checksum(packed)
+    return packed, pack.module_records(model, packed.spec.input_size, packed.tensors)
+
+
 def _row(
-    name: str,
-    fact: ModuleFacts,
-    tensors: list[TensorInfo],
-    entry: dict[str, Any] | None,
+    record: dict[str, Any], tensors: list[TensorInfo], entry: dict[str, Any] | None
 ) -> dict[str, Any]:
     from recu_cli.pack import BITS_SUFFIX, FLOAT_DTYPES, LATENT_SUFFIX
 
+    name = record["name"]
     latent = [t for t in tensors if entry is not None and t.name == name + LATENT_SUFFIX]
     stored = [t for t in tensors if t not in latent]
     bits = [t for t in stored if t.name.endswith(BITS_SUFFIX)]
     floats = [t for t in stored if t.dtype in FLOAT_DTYPES]
-    macs = fact.macs
+    macs = record["macs"]
     return {
         "name": name or "(root)",
-        "type": "BinaryConv2d" if entry is not None else fact.type,
-        "output": list(fact.output) if fact.output is not None else None,
+        "type": record["type"],
+        "output": record["output"],
         "binary_params": math.prod(entry["shape"]) if entry is not None else 0,
         "binary_bytes": sum(t.nbytes for t in bits),
         "fp_values": sum(t.numel for t in floats),

@@ -5,11 +5,11 @@ Names are loaded on first use (PEP 562), so importing a light submodule such as
 `training.config` for the command line's options does not import torch.
 
 config.py (TrainConfig), settings.py (the command's arguments -> TrainConfig),
-run_folder.py (the run's files and lock), parts.py (model, teacher, data, optimizer),
-state.py (position and resume state), optim.py (groups, schedules, stages), steps.py (a
-step, a validation, an epoch's row), loop.py (the epoch loop), trainer.py (all of it);
-distill.py, sampling.py, step_metrics.py, distributed.py, resume_rules.py,
-resumeclock.py, runlock.py serve them.
+run_folder.py (the run's files and lock, from plain values), parts.py (model, teacher,
+data, optimizer), state.py (position and resume state), optim.py (groups, schedules,
+stage bounds), steps.py (a step, a validation, an epoch's row), loop.py (the epoch loop,
+stages, epoch ends), trainer.py (all of it); distill.py, sampling.py, step_metrics.py,
+distributed.py, resume_rules.py, resumeclock.py, runlock.py serve them.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def attention_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> 
 def _stage_names(model: nn.Module) -> list[str]:
     """Top-level children that hold residual blocks (layer1..layer4 of every ResNet here)."""
     from recu_cli.blocks import BiRealBasicBlock, BiRealBottleneck
-    from recu_cli.convert import BASIC_BLOCKS, BOTTLENECKS
+    from recu_cli.bnn import BASIC_BLOCKS, BOTTLENECKS
 
     kinds = BASIC_BLOCKS + BOTTLENECKS + (BiRealBasicBlock, BiRealBottleneck)
     return [

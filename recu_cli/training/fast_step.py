@@ -8,7 +8,7 @@ line in train.log when it fails, so a run never stops for them:
 1. `torch.compile` of the step's forward and loss (`steps.forward_loss`: student, teacher,
    distillation), fullgraph: the layers trace without graph breaks (binarize/), and the
    stage switch and tau are tensors, so nothing recompiles during a run. The backward is
-   compiled with it; the optimizer is fused on CUDA (`optimizer_options`).
+   compiled with it; the optimizer is fused on CUDA (`optim.optimizer_options`).
 2. On CUDA, the whole step (compiled forward, backward, clipping, Adam) captured once as a
    CUDA graph after a few warm-up steps and replayed for every batch of the same shape:
    one launch per step. The batch is copied into static input buffers, each group's
@@ -47,33 +47,11 @@ if TYPE_CHECKING:
     from recu_cli.training.parts import Parts
 
 from recu_cli.training.config import COMPILE_MODES  # noqa: E402,F401 - re-exported
+from recu_cli.training.optim import compile_enabled, optimizer_options  # noqa: E402,F401
 
 GRAPH_WARMUP_STEPS = 3  # eager-compiled steps on a side stream before capture (CUDA docs)
 
 Log = Callable[..., None]
-
-
-def compile_enabled(mode: str, device: torch.device) -> bool:
-    """--compile auto: on for CUDA; off on the CPU, where inductor's C++ compile costs
-    minutes and its step measures no faster than the hand-tuned eager one (performance.md)."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
-
-
-def optimizer_options(cfg: TrainConfig, device: torch.device, info: DistInfo) -> dict:
-    """Optimizer flags for a compiled run on CUDA: fused kernels, and, where the step can
-    be one CUDA graph, capturable Adam/AdamW (step counters on the device, no host read).
-    Same maths; none of it on the CPU, whose eager training stays bit for bit what it was."""
-    if device.type != "cuda" or not compile_enabled(cfg.compile, device):
-        return {}
-    if cfg.opt == "sgd":
-        return {"fused": True}
-    amp_dtype = cfg.amp_dtype
-    if amp_dtype == "auto":
-        from recu_cli.devices import default_amp_dtype
-
-        amp_dtype = default_amp_dtype(device)
-    fp16_scaler = cfg.amp and amp_dtype == "fp16"
-    return {"fused": True, "capturable": not (info.enabled or fp16_scaler)}
 
 
 def graph_obstacle(cfg: TrainConfig, parts: Parts, info: DistInfo) -> str | None:

@@ -8,15 +8,16 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from recu_cli.convert import set_tau
+from recu_cli.bnn import binary_layers, set_tau
 from recu_cli.imagecheck import bad_of
+from recu_cli.stats import model_stats
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distributed import DistInfo, all_reduce_sum, barrier, shutdown, sync_buffers
-from recu_cli.training.optim import enter_stage, tau_at
+from recu_cli.training.optim import build_scheduler, restart_moments, stage_bounds, tau_at
 from recu_cli.training.parts import Parts
 from recu_cli.training.run_folder import RunFolder
 from recu_cli.training.signals import StopOnSigint
-from recu_cli.training.state import TrainingStopped, TrainState
+from recu_cli.training.state import TrainingStopped, TrainState, resume_state
 from recu_cli.training.step_metrics import SyncResult
 from recu_cli.training.steps import epoch_line, epoch_row, train_step, validate
 
@@ -50,8 +51,32 @@ class EpochLoop:
         return bool(self.cfg.max_steps) and self.state.pos.global_step >= self.cfg.max_steps
 
     def save_resume(self) -> None:
-        """Called by every rank (gathering the ranks' loss sums is a collective)."""
-        self.run.save_resume(self.parts, self.state)
+        """A resume point: the parts' state dicts and the run's state. Called by every rank
+        (gathering the ranks' loss sums is a collective); the main process writes."""
+        epoch_loss = self.state.metrics.state(self.info)
+        if self.info.is_main:
+            payload = resume_state(self.state, self.info, epoch_loss, self.parts.device)
+            self.run.save_resume({**self.parts.state_dicts(), **payload})
+        self.state.clock.reset()
+
+    def enter_stage(self, stage: int, switching: bool) -> None:
+        """Stage 1 trains real centred weights behind binary activations; stage 2 binarizes
+        the weights too. Switching: alpha starts at mean |W0| (so alpha * sign(W0) continues
+        stage 1's W0) and Adam's moments restart, as the loss surface changes. Either way the
+        stage gets its own schedule, continued from the current step."""
+        cfg, parts, state = self.cfg, self.parts, self.state
+        state.stage = stage
+        for _, layer in binary_layers(parts.model):
+            layer.binarize_weights = stage == 2
+        if switching:
+            for _, layer in binary_layers(parts.model):
+                layer.reset_alpha_from_latent()
+            restart_moments(parts.optimizer, in_place=parts.fast is not None)
+            self.run.log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
+        first, _ = stage_bounds(cfg, stage)
+        state.stage_start_step = first * parts.steps_per_epoch
+        state.scheduler = build_scheduler(parts.optimizer, cfg, parts.steps_per_epoch, stage)
+        state.scheduler.step_update(state.pos.global_step - state.stage_start_step)
 
     def train_epoch(self, progress: Progress, stop: StopOnSigint) -> bool:
         """One epoch from the current position; False when a Ctrl-C asked to stop.
@@ -64,7 +89,7 @@ class EpochLoop:
         pos, clock, steps_per_epoch = state.pos, state.clock, parts.steps_per_epoch
         epoch = pos.epoch
         if pos.step_in_epoch == 0 and epoch == cfg.stage1_epochs > 0:
-            enter_stage(cfg, parts, state, 2, switching=True, log=self.run.log)
+            self.enter_stage(2, switching=True)
         if pos.step_in_epoch == 0:
             set_tau(parts.model, tau_at(cfg, steps_per_epoch, epoch, 0))
             state.flips.snapshot(parts.model)
@@ -198,11 +223,35 @@ class EpochLoop:
         state.history.append(row)
         state.pos.epoch += 1
         state.pos.step_in_epoch = 0
-        is_best = self.run.keep_epoch(row, state, parts, cfg)
+        is_best = self._keep_epoch(row)
         self.save_resume()
         self.run.write_summary(state.history)
         barrier(self.info)
         self.run.log(epoch_line(row, cfg.epochs, is_best))
+
+    def _keep_epoch(self, row: dict[str, Any]) -> bool:
+        """The packed checkpoints of a binary epoch (a stage-1 model has real weights:
+        nothing to pack yet); True when this epoch is the best so far."""
+        cfg, parts, state = self.cfg, self.parts, self.state
+        if state.stage != 2:
+            return False
+        training = {
+            "epoch": row["epoch"],
+            "global_step": state.pos.global_step,
+            "val_top1": row["val_top1"],
+            "val_top5": row["val_top5"],
+            "tau": row["tau"],
+            "data": parts.data.source,
+            "config": cfg.to_dict(),
+        }
+        is_best = self.run.keep_epoch(
+            row["val_top1"], state.pos.best_top1, parts.model, parts.spec, cfg.convert,
+            stats=model_stats(parts.model) if self.info.is_main else [],  # only it writes
+            training=training, history=state.history, half=cfg.half, keep_latent=cfg.keep_latent,
+        )  # fmt: skip
+        if is_best:
+            state.pos.best_top1 = row["val_top1"]
+        return is_best
 
     def _reestimate_batchnorm(self) -> None:
         """BatchNorm statistics recomputed on training images with the final weights."""

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from recu_cli.binarize.tau import tau_schedule
-from recu_cli.convert import binary_layers
+from recu_cli.bnn import binary_layers
+from recu_cli.devices import default_amp_dtype
 from recu_cli.training.config import TrainConfig
-
-if TYPE_CHECKING:
-    from recu_cli.training.parts import Parts
-    from recu_cli.training.state import TrainState
+from recu_cli.training.distributed import DistInfo
 
 
 def param_groups(
@@ -54,7 +51,7 @@ def build_optimizer(
     model: nn.Module, cfg: TrainConfig, options: dict[str, Any] | None = None
 ) -> torch.optim.Optimizer:
     """The run's optimizer; `options` are implementation flags that do not change the
-    maths (fused, capturable: training/fast_step.optimizer_options)."""
+    maths (fused, capturable: `optimizer_options` below)."""
     groups = param_groups(
         model, cfg.base_lr, cfg.weight_decay, cfg.other_lr_scale, cfg.other_weight_decay
     )
@@ -101,6 +98,27 @@ def restart_moments(optimizer: torch.optim.Optimizer, in_place: bool) -> None:
                 value.zero_()
 
 
+def compile_enabled(mode: str, device: torch.device) -> bool:
+    """--compile auto: on for CUDA; off on the CPU, where inductor's C++ compile costs
+    minutes and its step measures no faster than the hand-tuned eager one (performance.md)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def optimizer_options(cfg: TrainConfig, device: torch.device, info: DistInfo) -> dict:
+    """Optimizer flags for a compiled run on CUDA: fused kernels, and, where the step can
+    be one CUDA graph, capturable Adam/AdamW (step counters on the device, no host read).
+    Same maths; none of it on the CPU, whose eager training stays bit for bit what it was."""
+    if device.type != "cuda" or not compile_enabled(cfg.compile, device):
+        return {}
+    if cfg.opt == "sgd":
+        return {"fused": True}
+    amp_dtype = cfg.amp_dtype
+    if amp_dtype == "auto":
+        amp_dtype = default_amp_dtype(device)
+    fp16_scaler = cfg.amp and amp_dtype == "fp16"
+    return {"fused": True, "capturable": not (info.enabled or fp16_scaler)}
+
+
 def stage_bounds(cfg: TrainConfig, stage: int) -> tuple[int, int]:
     """[first, end) epochs of a stage: stage 1 = binary activations with real weights (only
     with --stage1-epochs), stage 2 = binary weights too (the whole run with one stage)."""
@@ -142,25 +160,3 @@ def tau_at(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step: int) -> flo
     e = max(0, epoch - first)
     e += step / steps_per_epoch if cfg.tau_update == "step" else 0.0
     return tau_schedule(e, end - first, cfg.tau_min, cfg.tau_max)
-
-
-def enter_stage(
-    cfg: TrainConfig, parts: Parts, state: TrainState, stage: int, switching: bool,
-    log: Callable[[str], None],
-) -> None:  # fmt: skip
-    """Stage 1 trains real centred weights behind binary activations; stage 2 binarizes
-    the weights too. Switching: alpha starts at mean |W0| (so alpha * sign(W0) continues
-    stage 1's W0) and Adam's moments restart, as the loss surface changes. Either way the
-    stage gets its own schedule, continued from the current step."""
-    state.stage = stage
-    for _, layer in binary_layers(parts.model):
-        layer.binarize_weights = stage == 2
-    if switching:
-        for _, layer in binary_layers(parts.model):
-            layer.reset_alpha_from_latent()
-        restart_moments(parts.optimizer, in_place=parts.fast is not None)
-        log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
-    first, _ = stage_bounds(cfg, stage)
-    state.stage_start_step = first * parts.steps_per_epoch
-    state.scheduler = build_scheduler(parts.optimizer, cfg, parts.steps_per_epoch, stage)
-    state.scheduler.step_update(state.pos.global_step - state.stage_start_step)

@@ -14,18 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from recu_cli.convert import ConversionReport, binary_layers, check_keep, convert_model
+from recu_cli.bnn import ConversionReport, binary_layers, check_keep, convert_model
 from recu_cli.data import DataBundle, build_data, make_loader
 from recu_cli.devices import default_amp_dtype, default_workers
 from recu_cli.errors import RecuError
 from recu_cli.fastdata.choice import DataPathChoice, choose
 from recu_cli.imagecheck import check_tree, collate
-from recu_cli.models import ModelSpec, create_model, reset_head
+from recu_cli.models.create import create_model, reset_head
+from recu_cli.spec import ModelSpec
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo
-from recu_cli.training.fast_step import optimizer_options
-from recu_cli.training.optim import build_optimizer
+from recu_cli.training.optim import build_optimizer, optimizer_options
 from recu_cli.training.sampling import EpochBatchSampler, SeededItems
 from recu_cli.training.signals import ignore_sigint
 
@@ -55,6 +55,14 @@ class Parts:
     @property
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
+
+    def state_dicts(self) -> dict[str, Any]:
+        """What resume.pt holds of the parts (loaded back by the trainer)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
 
 def build_parts(

@@ -1,8 +1,11 @@
 """One run = one folder, owned by one process: config.json, train.log, summary.csv,
 packed last/best checkpoints and resume.pt, each written atomically, and the lock.
 
-In the spirit of timm's CheckpointSaver: the loop says what happened (an epoch ended,
-a resume point is due), the folder decides what to write and which epoch is best.
+In the spirit of timm's CheckpointSaver: the loop says what happened (an epoch ended with
+this model and this top-1, a resume point is due with this payload), the folder decides
+what to write and whether the epoch is the best. It knows files, not training: it takes
+plain values (a model, its spec and conversion config, metadata, the resume payload) and
+changes nothing of the run's state, so it can be used and tested on its own.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from recu_cli.errors import RecuError
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distributed import DistInfo, broadcast_object
 from recu_cli.training.runlock import LOCK_NAME, RunLock
-from recu_cli.training.state import Position, TrainingStopped, TrainState, resume_state
+from recu_cli.training.state import Position
 
 if TYPE_CHECKING:
-    from recu_cli.models import ModelSpec
-    from recu_cli.training.parts import Parts
+    from torch import nn
+
+    from recu_cli.convert_config import ConvertConfig
+    from recu_cli.spec import ModelSpec
 
 SUMMARY_FIELDS = [
     "epoch", "stage", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
@@ -62,16 +67,19 @@ class RunFolder:
         self.lock: RunLock | None = None
 
     @classmethod
-    def create(cls, cfg: TrainConfig, info: DistInfo, **kw: Any) -> tuple[RunFolder, bool]:
-        """The run folder of a new run, created here (True) or already there (False):
-        absent, empty, or a recu run's (`claim_folder`)."""
-        if cfg.experiment is not None:
-            check_experiment_name(cfg.experiment)
-            name = cfg.experiment
+    def create(
+        cls, output: str | Path, experiment: str | None, model: str, info: DistInfo, **kw: Any
+    ) -> tuple[RunFolder, bool]:
+        """The run folder of a new run (output/experiment, or output/<time>-<model>),
+        created here (True) or already there (False): absent, empty, or a recu run's
+        (`claim_folder`)."""
+        if experiment is not None:
+            check_experiment_name(experiment)
+            name = experiment
         else:
-            model = re.sub(r"[^\w.+-]", "_", cfg.model)  # tv:resnet18, hub names: one folder
+            model = re.sub(r"[^\w.+-]", "_", model)  # tv:resnet18, hub names: one folder
             name = f"{datetime.now():%Y%m%d-%H%M%S}-{model}"
-        path = Path(cfg.output) / name
+        path = Path(output) / name
         created = False
         if info.is_main:
             claim_folder(path)
@@ -145,7 +153,7 @@ class RunFolder:
             self._log_end(e)
 
     def _log_end(self, e: BaseException) -> None:
-        if isinstance(e, TrainingStopped) and e.exit_code == 130:
+        if isinstance(e, RecuError) and e.exit_code == 130:  # a Ctrl-C that saved
             self.log(f"interrupted: {e}", echo=False)
         elif isinstance(e, KeyboardInterrupt):
             self.log("interrupted (second Ctrl-C): stopped at once", echo=False)
@@ -156,11 +164,12 @@ class RunFolder:
 
     # ---------------------------------------------------------------- files
     def write_config(
-        self, cfg: TrainConfig, spec: ModelSpec, data_path: dict[str, str] | None = None
+        self, settings: dict[str, Any], spec: ModelSpec, data_path: dict[str, str] | None = None
     ) -> None:
-        """config.json: the settings, the model's spec, and which data path and why."""
+        """config.json: the run's settings (what --resume reads back), its model, and which
+        data path it took and why."""
         if self.info.is_main:
-            payload = {"train": cfg.to_dict(), "model": spec.to_dict(), "recu_version": _version()}
+            payload = {"train": settings, "model": spec.to_dict(), "recu_version": _version()}
             if data_path is not None:
                 payload["data_path"] = data_path
             write_bytes(self.path / "config.json", json.dumps(payload, indent=2).encode())
@@ -176,52 +185,38 @@ class RunFolder:
             writer.writerow({k: _fmt(r.get(k, old.get(k, ""))) for k in SUMMARY_FIELDS})
         write_bytes(self.path / "summary.csv", buf.getvalue().encode())
 
-    def save_resume(self, parts: Parts, state: TrainState) -> None:
-        """Called by every rank (gathering the ranks' loss sums is a collective)."""
-        epoch_loss = state.metrics.state(self.info)
+    def save_resume(self, payload: dict[str, Any]) -> None:
+        """resume.pt, atomically (torch.save of tensors and plain values only)."""
         if self.info.is_main:
-            torch_save(resume_state(parts, state, self.info, epoch_loss), self.resume_path)
-        state.clock.reset()
+            torch_save(payload, self.resume_path)
 
     def keep_epoch(
-        self, row: dict[str, Any], state: TrainState, parts: Parts, cfg: TrainConfig
+        self,
+        top1: float,
+        best_top1: float,
+        model: nn.Module,
+        spec: ModelSpec,
+        convert: ConvertConfig,
+        *,
+        stats: list[dict[str, Any]],
+        training: dict[str, Any] | None = None,
+        history: list[dict[str, Any]] | None = None,
+        half: bool = False,
+        keep_latent: bool = False,
     ) -> bool:
-        """last.safetensors after every binary epoch, best.safetensors when its val top-1
-        beats every earlier one (a stage-1 model has real weights: nothing to pack yet).
-        True when this epoch is the best."""
-        binary = state.stage == 2
-        is_best = binary and row["val_top1"] > state.pos.best_top1
-        if is_best:
-            state.pos.best_top1 = row["val_top1"]
+        """last.safetensors of a binary model (training form), and best.safetensors too when
+        its `top1` beats `best_top1` (the best of every earlier epoch): then True. The rest
+        is what `pack.save` stores; only the main process writes, every process decides."""
+        is_best = top1 > best_top1
         if self.info.is_main:
-            for name in ("last", "best") if is_best else ("last",) if binary else ():
-                self._save_packed(name, row, state, parts, cfg)
+            from recu_cli.pack import save
+
+            for name in ("last", "best") if is_best else ("last",):
+                save(
+                    self.path / f"{name}.safetensors", model, spec, convert, stats=stats,
+                    half=half, keep_latent=keep_latent, training=training, history=history,
+                )  # fmt: skip
         return is_best
-
-    def _save_packed(
-        self, name: str, row: dict[str, Any], state: TrainState, parts: Parts, cfg: TrainConfig
-    ) -> None:
-        from recu_cli.pack import save
-
-        training = {
-            "epoch": row["epoch"],
-            "global_step": state.pos.global_step,
-            "val_top1": row["val_top1"],
-            "val_top5": row["val_top5"],
-            "tau": row["tau"],
-            "data": parts.data.source,
-            "config": cfg.to_dict(),
-        }
-        save(
-            self.path / f"{name}.safetensors",
-            parts.model,
-            parts.spec,
-            cfg.convert,
-            half=cfg.half,
-            keep_latent=cfg.keep_latent,
-            training=training,
-            history=state.history,
-        )
 
     def checkpoint(self, name: str) -> str | None:
         """A packed checkpoint's path, or None when the run ended in stage 1."""

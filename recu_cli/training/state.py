@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,9 +16,6 @@ from recu_cli.training.distributed import DistInfo
 from recu_cli.training.resumeclock import ResumeClock
 from recu_cli.training.step_metrics import StepMetrics
 from recu_cli.training.trackers import FlipTracker, SkippedImages
-
-if TYPE_CHECKING:
-    from recu_cli.training.parts import Parts
 
 
 class TrainingStopped(RecuError):
@@ -54,12 +51,11 @@ class TrainState:
 
 
 def resume_state(
-    parts: Parts, state: TrainState, info: DistInfo, epoch_loss: torch.Tensor
+    state: TrainState, info: DistInfo, epoch_loss: torch.Tensor, device: torch.device
 ) -> dict[str, Any]:
+    """What resume.pt holds of the run's state; the caller adds the parts' state dicts
+    (`Parts.state_dicts`)."""
     saved = {
-        "model": parts.model.state_dict(),
-        "optimizer": parts.optimizer.state_dict(),
-        "scaler": parts.scaler.state_dict(),
         "position": asdict(state.pos),
         "history": json.dumps(state.history),
         "epoch_loss": epoch_loss,  # [world_size, 2]: each rank's own loss sum and count
@@ -70,23 +66,23 @@ def resume_state(
         "step0": json.dumps(state.step0),
         "skipped": json.dumps(state.skipped.state()),
     }
-    if parts.device.type == "cuda":  # the ranks' generators advance alike: rank 0's serves
-        saved["rng_cuda"] = torch.cuda.get_rng_state(parts.device)
+    if device.type == "cuda":  # the ranks' generators advance alike: rank 0's serves
+        saved["rng_cuda"] = torch.cuda.get_rng_state(device)
     return saved
 
 
-def restore(saved: dict[str, Any], parts: Parts, state: TrainState, info: DistInfo) -> None:
+def restore(saved: dict[str, Any], state: TrainState, info: DistInfo, device: torch.device) -> None:
     """Position, history, trackers and random generators from a resume point (the model,
     optimizer and scaler are loaded first, where a damaged file is caught)."""
     state.pos = Position(**saved["position"])
     state.history = json.loads(saved["history"])
     state.metrics.load(saved["epoch_loss"], info)
-    state.flips.load(saved["flips"], parts.device)
+    state.flips.load(saved["flips"], device)
     state.step0 = json.loads(saved["step0"]) if "step0" in saved else None
     if "skipped" in saved:
         state.skipped.load(json.loads(saved["skipped"]))
     torch.set_rng_state(saved["rng_torch"])
-    if "rng_cuda" in saved and parts.device.type == "cuda":
-        torch.cuda.set_rng_state(saved["rng_cuda"], parts.device)
+    if "rng_cuda" in saved and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng_cuda"], device)
     py = json.loads(saved["rng_python"])
     random.setstate((py[0], tuple(py[1]), py[2]))

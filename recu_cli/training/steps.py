@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recu_cli.convert import binary_layers
-from recu_cli.evaluate import EvalResult, batch_sums
-from recu_cli.imagecheck import fail_on_bad
+from recu_cli.accuracy import EvalResult, evaluate
+from recu_cli.bnn import binary_layers
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distill import attention_loss, distillation_loss
 from recu_cli.training.distributed import DistInfo, agree, all_reduce_sum
@@ -82,32 +81,21 @@ def apply_gradients(cfg: TrainConfig, parts: Parts, loss: torch.Tensor) -> torch
     return loss.detach()
 
 
-@torch.no_grad()
 def validate(
     parts: Parts, info: DistInfo, channels_last: bool, model: nn.Module | None = None
 ) -> EvalResult:
-    """In fp32 even with --amp, as `recu eval` measures the saved model: val_top1 and
-    the choice of best are the numbers the checkpoint gives. Sums stay on the device:
-    one host read per validation, every rank's share agreed."""
-    model = parts.model if model is None else model
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=parts.device)  # top-1, top-5, loss
-    n = 0
-    for batch in parts.val_loader:
-        fail_on_bad(batch)
-        images, targets = batch
-        images = images.to(parts.device, non_blocking=True)
-        targets = targets.to(parts.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        sums += batch_sums(model(images), targets)
-        n += targets.numel()
-    model.train(was_training)
-    totals = torch.cat([sums, sums.new_tensor([float(n)])])
-    c1, c5, loss_sum, n_all = agree(totals, info).tolist()
-    n_all = max(n_all, 1.0)
-    return EvalResult(100.0 * c1 / n_all, 100.0 * c5 / n_all, loss_sum / n_all, int(n_all))
+    """`evaluate` on this process's share of the validation images, agreed over all
+    processes. In fp32 even with --amp, as `recu eval` measures the saved model: val_top1
+    and the choice of best are the numbers the checkpoint gives."""
+    return evaluate(
+        parts.model if model is None else model,
+        parts.val_loader,
+        parts.device,
+        description="validation",
+        channels_last=channels_last,
+        agree=lambda totals: agree(totals, info),
+        stop_on_nonfinite=False,
+    )
 
 
 def epoch_row(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from recu_cli.binarize.functions import sign_pos
-from recu_cli.convert import binary_layers
+from recu_cli.bnn import binary_layers
 
 
 def weights_digest(model: nn.Module) -> str:

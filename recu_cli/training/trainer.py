@@ -20,7 +20,7 @@ from recu_cli.training.config import TrainConfig
 from recu_cli.training.distributed import barrier, init_distributed, shutdown
 from recu_cli.training.fast_step import make_fast_step
 from recu_cli.training.loop import EpochLoop
-from recu_cli.training.optim import enter_stage, settle_optimizer, stage_of
+from recu_cli.training.optim import settle_optimizer, stage_of
 from recu_cli.training.parts import Parts, build_parts
 from recu_cli.training.resumeclock import ResumeClock
 from recu_cli.training.run_folder import RunFolder, check_world_size, damaged
@@ -31,27 +31,11 @@ from recu_cli.training.steps import validate
 from recu_cli.training.trackers import weights_digest
 
 
-class _Via:
-    """An attribute of the trainer that is one of its parts' or its state's (read and set)."""
-
-    def __init__(self, holder: str) -> None:
-        self.holder = holder
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        return self if obj is None else getattr(getattr(obj, self.holder), self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        setattr(getattr(obj, self.holder), self.name, value)
-
-
 class Trainer:
-    """A new run (run_dir None: a folder is created) or the resumed run in run_dir."""
+    """A new run (run_dir None: a folder is created) or the resumed run in run_dir.
 
-    device, model, optimizer, scaler, teacher, data, report = (_Via("parts") for _ in range(7))
-    pos, stage, scheduler, metrics, flips, step0 = (_Via("state") for _ in range(6))
+    What it trains with is `parts` (model, optimizer, data, ...), where the run stands is
+    `state` (position, history, scheduler, ...), and `loop` runs the epochs."""
 
     def __init__(
         self,
@@ -73,12 +57,12 @@ class Trainer:
         self.resuming = run_dir is not None
         created = False
         if run_dir is None:
-            self.run, created = RunFolder.create(cfg, self.info, quiet=quiet, echo=echo)
+            self.run, created = RunFolder.create(
+                cfg.output, cfg.experiment, cfg.model, self.info, quiet=quiet, echo=echo
+            )
         else:
             self.run = RunFolder(run_dir, self.info, quiet=quiet, echo=echo)
         self.run_dir = self.run.path
-        self.progress: Any = None  # what _train_epoch hands the loop (tests drive epochs)
-        self.stop: StopOnSigint | None = None
         try:
             self.run.open(self.resuming)
             self.run.log_start(self.resuming)
@@ -98,10 +82,10 @@ class Trainer:
         if self.resuming:
             self._load_resume()
             if resume_changes:
-                self.run.write_config(cfg, self.parts.spec, self._data_path())
+                self.run.write_config(cfg.to_dict(), self.parts.spec, self._data_path())
                 log("settings changed on resume: " + ", ".join(resume_changes))
         else:
-            self.run.write_config(cfg, self.parts.spec, self._data_path())
+            self.run.write_config(cfg.to_dict(), self.parts.spec, self._data_path())
             with torch.random.fork_rng(devices=[]):  # leaves the training RNG stream as it was
                 self.state.step0 = self._start_model(self.parts.original)
         self.parts.original = None
@@ -109,7 +93,7 @@ class Trainer:
         # where this process starts training (the result's `resumed_from`): the proof that
         # a resume continued the run instead of training it again from step 1
         self.resumed_from = self._where() if self.resuming else None
-        self._enter_stage(stage_of(cfg, self.state.pos.epoch), switching=False)
+        self.loop.enter_stage(stage_of(cfg, self.state.pos.epoch), switching=False)
         if not self.resuming:
             self.loop.save_resume()  # the first resume point: a kill from here on loses little
             log("resume point saved (start of training)", echo=False)
@@ -151,7 +135,7 @@ class Trainer:
             raise
         except Exception as e:  # noqa: BLE001 - any damage means the same thing to the user
             raise damaged(path, e) from e
-        restore(saved, self.parts, self.state, self.info)
+        restore(saved, self.state, self.info, self.parts.device)
         if self.state.history:
             self.run.write_summary(
                 self.state.history
@@ -198,13 +182,6 @@ class Trainer:
             f"{t['binary_layers']} binary layers ({t['binary_params']:,} binary weights), "
             f"{self.steps_per_epoch} steps/epoch, device {self.parts.device}"
         )
-
-    def _enter_stage(self, stage: int, switching: bool) -> None:
-        enter_stage(self.cfg, self.parts, self.state, stage, switching, self.run.log)
-
-    def _train_epoch(self) -> bool:
-        """One epoch, with the progress display and Ctrl-C flag set on the trainer."""
-        return self.loop.train_epoch(self.progress, self.stop)
 
     def close(self) -> None:
         """Release the run folder (the process's exit would too)."""

@@ -1,4 +1,4 @@
-"""Model surgery: turn a full-precision CNN into a ReCU BNN, and say exactly what changed.
+"""A full-precision CNN made a ReCU BNN (and its deploy form), saying exactly what changed.
 
 Rules (docs/method.md section 4): convs with groups == 1 and a kernel larger than 1x1
 become ReCUConv2d, except the stem, and except what the user keeps with --keep patterns;
@@ -19,20 +19,22 @@ import torchvision.models.resnet as tv_resnet
 from timm.models import resnet as timm_resnet
 from torch import nn
 
-from recu_cli import zoo
 from recu_cli.binarize.layers import BinaryConv2d, ReCUConv2d
 from recu_cli.blocks import BiRealBasicBlock, BiRealBottleneck, sign_friendly_activation
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.errors import RecuError
-from recu_cli.models import classifier_name, set_submodule
+from recu_cli.models.surgery import classifier_name, set_submodule
+from recu_cli.models.zoo import CifarBasicBlock
 
-BASIC_BLOCKS = (timm_resnet.BasicBlock, tv_resnet.BasicBlock, zoo.CifarBasicBlock)
+BASIC_BLOCKS = (timm_resnet.BasicBlock, tv_resnet.BasicBlock, CifarBasicBlock)
 BOTTLENECKS = (timm_resnet.Bottleneck, tv_resnet.Bottleneck)
 NONNEG_ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Sigmoid)
 
 
 @dataclass
-class LayerEntry:
+class LayerDecision:
+    """What conversion decided for one conv or linear layer, and why (a report row)."""
+
     name: str
     kind: str  # "conv" or "linear"
     shape: list[int]
@@ -43,7 +45,7 @@ class LayerEntry:
 
 @dataclass
 class ConversionReport:
-    layers: list[LayerEntry] = field(default_factory=list)
+    layers: list[LayerDecision] = field(default_factory=list)
     blocks_rewritten: list[str] = field(default_factory=list)
     activations_replaced: list[dict[str, str]] = field(default_factory=list)
 
@@ -189,7 +191,7 @@ def convert_model(
         if name in reasons:
             w = m.weight
             report.layers.append(
-                LayerEntry(
+                LayerDecision(
                     name=name,
                     kind="linear" if isinstance(m, nn.Linear) else "conv",
                     shape=list(w.shape),

@@ -1,8 +1,14 @@
-"""Top-1 / top-5 accuracy of any classifier on a loader."""
+"""Top-1 / top-5 accuracy of any classifier on a loader: the one evaluation loop.
+
+`recu eval`, step 0 and training's validation all run `evaluate`; training adds the
+agreement of its processes (`agree`: a sum over ranks of the [top-1, top-5, loss, n]
+totals), so every rank reports the same numbers.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +40,6 @@ def batch_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), loss.double()])
 
 
-def batch_counts(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, float, int]:
-    """Top-1 hits, top-5 hits, summed cross-entropy, batch size (`batch_sums`, read)."""
-    c1, c5, loss = batch_sums(logits, targets).tolist()
-    return int(c1), int(c5), loss, targets.numel()
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -48,11 +48,23 @@ def evaluate(
     quiet: bool = True,
     description: str = "eval",
     max_batches: int | None = None,
+    channels_last: bool = False,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_on_nonfinite: bool = True,
 ) -> EvalResult:
-    """Accuracy in percent, as timm prints it; the loss is mean cross-entropy."""
+    """Accuracy in percent, as timm prints it; the loss is mean cross-entropy.
+
+    In eval mode (the model's mode is restored after). Sums stay on the device: one host
+    read at the end (and one per batch only for a shown progress bar). `agree` sums the
+    totals over processes (training under torchrun); `description` names the pass in the
+    progress bar and in the error about an unreadable image. `stop_on_nonfinite` reads each
+    batch's loss (one small host read) and stops at the first NaN or infinite one, naming
+    the layer: a top-1 over such logits would be a silent 10%. Training's validation turns
+    it off (no sync per batch; its val_loss then shows the NaN).
+    """
+    was_training = model.training
     model.eval()
-    correct1 = correct5 = n = 0
-    loss_sum = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, loss, images
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     with make_progress(quiet) as progress:
         task = progress.add_task(description, total=total, info="")
@@ -63,17 +75,24 @@ def evaluate(
             images, targets = batch
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images)
-            c1, c5, batch_loss, batch_n = batch_counts(logits, targets)
-            if not math.isfinite(batch_loss):  # a read the counts pay anyway: no extra sync
+            counts = batch_sums(logits, targets)
+            sums[:3] += counts
+            sums[3] += targets.numel()
+            if stop_on_nonfinite and not math.isfinite(float(counts[2])):
                 raise not_finite(model, images, logits, i + 1)
-            correct1, correct5 = correct1 + c1, correct5 + c5
-            loss_sum += batch_loss
-            n += batch_n
-            progress.update(task, advance=1, info=f"top-1 {100.0 * correct1 / max(n, 1):.2f}%")
+            if not quiet:
+                c1, n = sums[0].item(), sums[3].item()
+                progress.update(task, advance=1, info=f"top-1 {100.0 * c1 / max(n, 1):.2f}%")
+    model.train(was_training)
+    if agree is not None:
+        sums = agree(sums)
+    c1, c5, loss_sum, n = sums.tolist()
     if n == 0:
         return EvalResult(0.0, 0.0, float("nan"), 0)
-    return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, n)
+    return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n, int(n))
 
 
 def not_finite(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from recu_cli.models import IMAGENET_MEAN, IMAGENET_STD
+from recu_cli.spec import IMAGENET_MEAN, IMAGENET_STD
 
 
 class OptionAShortcut(nn.Module):

@@ -1,8 +1,10 @@
-"""What `recu info` needs from the rebuilt module tree: each module's class, output shape
-and MACs, from one forward on the meta device (shapes only, no compute).
+"""Each module's class, per-sample output shape and MACs, from one forward of the module
+tree on the meta device (shapes only, no compute).
 
-Kept apart from report/info.py because it is the one part of `info` that needs torch: the
-header, the sizes and the rendering do not.
+What `recu info` prints per module: computed when a packed file is written (its metadata
+'modules', docs/format.md section 4.2), and for older files from the tree rebuilt on
+reading. Conventions: 1 MAC per multiply-add of a conv or linear layer (a binary conv's
+MACs are its BOPs); BN, activations and the alpha scaling are not counted.
 """
 
 from __future__ import annotations
