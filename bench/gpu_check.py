@@ -58,15 +58,15 @@ if str(REPO) not in sys.path:
 from recu_cli.bnn import binary_layers, convert_model, set_tau  # noqa: E402
 from recu_cli.convert_config import ConvertConfig  # noqa: E402
 from recu_cli.models import create_model  # noqa: E402
-from recu_cli.recipes import RECIPES  # noqa: E402
+from recu_cli.recipes import recipe_settings  # noqa: E402
 
 PARTS = ("step", "equal", "profile", "run", "resume")
 BUDGET_S = {"step": 270, "equal": 120, "profile": 90, "run": 420, "resume": 360}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LAYERS: dict[str, ConvertConfig | None] = {
     "float": None,
-    "recu paper": ConvertConfig(tau=0.85),
-    "recu finetune": ConvertConfig(tau=0.85, **RECIPES["finetune"]["convert"]),
+    "recu paper": ConvertConfig(tau=0.85, **recipe_settings("paper", 6)["convert"]),
+    "recu finetune": ConvertConfig(tau=0.85, **recipe_settings("finetune", 6)["convert"]),
 }
 # model, input size, batch, classes; --dry-run: tiny sizes on the CPU
 CASES = {"resnet18": ("resnet18", 224, 128, 1000), "resnet20": ("resnet20", 32, 512, 10)}

@@ -24,7 +24,7 @@ from recu_cli.blocks import sign_friendly_activation
 from recu_cli.bnn import binary_layers, convert_model, set_tau
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
-from recu_cli.recipes import RECIPES
+from recu_cli.recipes import recipe_settings
 from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.steps import forward_loss
 from tests.test_train import small_cifar  # noqa: F401 - fixture
@@ -126,7 +126,7 @@ def recipe_model(name: str, recipe: str) -> tuple[nn.Module, nn.Module]:
     """A converted model with the recipe's layers, and its float original as teacher."""
     model, _ = create_model(name, num_classes=10)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    convert = ConvertConfig(tau=0.85, **RECIPES[recipe].get("convert", {}))
+    convert = ConvertConfig(tau=0.85, **recipe_settings(recipe, 6)["convert"])
     model, _ = convert_model(model, convert)
     return model.train(), teacher
 

@@ -244,9 +244,9 @@ def finetune_config(data: Path, weights: Path, out: Path, name: str, **kw) -> Tr
 
 def test_two_stage_run_resumes_exactly_across_the_boundary(
     capsys,
-    small_cifar,
+    small_cifar,  # noqa: F811
     resnet20_weights,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ) -> None:
     straight = finetune_config(small_cifar, resnet20_weights, tmp_path, "straight", epochs=2)
     assert straight.stage1_epochs == 1 and straight.feature_kd > 0
@@ -281,9 +281,9 @@ def test_two_stage_run_resumes_exactly_across_the_boundary(
 
 def test_sigint_inside_stage_two_resumes_to_the_bit(
     capsys,
-    small_cifar,
+    small_cifar,  # noqa: F811
     resnet20_weights,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ) -> None:
     import re
     import signal
@@ -325,9 +325,9 @@ def test_sigint_inside_stage_two_resumes_to_the_bit(
 
 
 def test_stage_switch_changes_exactly_what_it_says(
-    small_cifar,
+    small_cifar,  # noqa: F811
     resnet20_weights,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ) -> None:
     cfg = finetune_config(small_cifar, resnet20_weights, tmp_path, "switch", epochs=2)
     trainer = Trainer(cfg, quiet=True)
@@ -350,9 +350,9 @@ def test_stage_switch_changes_exactly_what_it_says(
 
 def test_autocast_bf16_steps_of_the_recipe_on_cpu(
     capsys,
-    small_cifar,
+    small_cifar,  # noqa: F811
     resnet20_weights,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ) -> None:
     """The mixed-precision path (CPU bf16 autocast = the CUDA bf16 code) trains and packs."""
     code, out, err = run_cli(
