@@ -218,7 +218,8 @@ def test_graph_flow_on_the_cpu_equals_the_plain_step_bit_for_bit(
     cfg = TrainConfig(
         model="resnet20", data=str(small_cifar), weights=str(resnet20_weights), epochs=2,
         stage1_epochs=1, batch_size=24, workers=0, output=str(tmp_path), experiment="plain",
-        log_interval=0, step0_eval=False, teacher="none", tau_update="step", seed=4,
+        log_interval=0, step0_eval=False, teacher="none", feature_kd=0.0, tau_update="step",
+        seed=4,
     )  # fmt: skip
     assert cfg.compile == "auto"  # off on the CPU: the plain eager step
     plain = run_to_end(cfg)

@@ -393,7 +393,13 @@ def test_layer_records_out_of_bounds_are_refused(base, tmp_path, capsys, case):
     change, fragment = LAYER_CASES[case]
     path = edited(base, tmp_path / f"{case}.safetensors", "layers", lambda v: v[0].update(change))
     before = tree(tmp_path)
-    for args in (["info", str(path)], ["eval", str(path), "--data", "demo", "--max-batches", "1"]):
+    commands = [["eval", str(path), "--data", "demo", "--max-batches", "1"]]
+    if not case.startswith("other_"):
+        # bounds are checked at read; a well-formed value that differs from what the recipe
+        # builds is found where the model is built (`recu info` of a format-minor-1 file
+        # reads its module records and builds nothing: it prints no stride or bias)
+        commands.insert(0, ["info", str(path)])
+    for args in commands:
         code, out, err = run_cli(args, capsys)
         assert_one_line_error(code, err, str(path), "layer1.0.conv1", fragment)
     assert tree(tmp_path) == before

@@ -225,9 +225,9 @@ class ReCUConv2d(nn.Conv2d):
         return weight_sign_ste(w2), self.effective_alpha(w2)
 
     def mixed_weight(self) -> torch.Tensor:
-        """lerp(W0, alpha * sign(W2), weight_mix): the weights of any stage, one graph.
+        """(1 - m) W0 + m alpha sign(W2), m = weight_mix: the weights of any stage, one graph.
 
-        lerp is exact at 0 (W0) and 1 (alpha * sign(W2)); alpha is folded into the weights
+        Exact at 0 (W0) and 1 (alpha * sign(W2)); alpha is folded into the weights
         (conv(x, alpha * wb) == alpha * conv(x, wb)). The analytic alpha's buffer keeps the
         scale last applied: unchanged while the mix is 0, as in the stage-1 branch."""
         wb, alpha = self.binary_weight_and_alpha()
@@ -236,7 +236,12 @@ class ReCUConv2d(nn.Conv2d):
             with torch.no_grad():
                 self.alpha.copy_(torch.where(mix > 0, alpha.detach(), self.alpha))
         w0 = centred(self.weight)
-        return torch.lerp(w0, wb * alpha.view(-1, 1, 1, 1).to(wb.dtype), mix.to(w0.dtype))
+        binary = wb * alpha.view(-1, 1, 1, 1).to(wb.dtype)
+        mix = mix.to(w0.dtype)
+        # (1 - m) W0 + m alpha sign(W2), written out: torch.lerp's compiled CUDA backward
+        # gave the binary path no gradient (measured on an H200, torch 2.11: the latent
+        # weights froze in stage 2). Exact at 0 and 1 (x * 0 = +-0 and 0 + y = y).
+        return w0 * (1.0 - mix) + binary * mix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         xb = activation_sign(

@@ -30,7 +30,7 @@ def check_magic(path: Path, meta: dict[str, str]) -> int:
         if fmt is None or fmt in s.PLAIN_FORMATS:
             what = "is a plain safetensors checkpoint" + (f" (format '{fmt}')" if fmt else "")
         else:
-            what = f"has format '{str(fmt)[:40]}', not '{s.MAGIC}'"
+            what = f"has format {str(fmt)[:40]!r}, not '{s.MAGIC}'"  # repr: one line
         raise RecuError(
             f"not a recu packed file: {path} {what}; use "
             f"`recu convert MODEL --weights {path} -o packed.safetensors` to make one"
