@@ -340,6 +340,7 @@ def part_equal(ctx: Context, report: dict) -> bool:
 
     n, switch = (8, 4) if ctx.dry else (24, 12)
     losses: dict[str, torch.Tensor] = {}
+    moved: dict[str, float] = {}
     deterministic = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
@@ -358,6 +359,7 @@ def part_equal(ctx: Context, report: dict) -> bool:
             got = []
             for i in range(n):
                 if i == switch:
+                    at_switch = [m.weight.detach().clone() for m in layers]
                     for m in layers:
                         m.binarize_weights = True
                         m.reset_alpha_from_latent()
@@ -369,6 +371,10 @@ def part_equal(ctx: Context, report: dict) -> bool:
                 xi = x.flip(3) if flip else x  # a different batch each step, same shape
                 got.append(step(xi.contiguous(memory_format=torch.channels_last), y))
             losses[label] = torch.stack(got).float().cpu()
+            # how far stage 2 moved the latent weights: the first GPU run's compiled step
+            # left them where they were (its losses alone still looked plausible)
+            steps = [(m.weight - w).norm() for m, w in zip(layers, at_switch, strict=True)]
+            moved[label] = float(torch.stack(steps).norm())
             report.setdefault("equal", {})[f"{label}_path"] = fast.mode if fast else "eager"
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic
@@ -377,14 +383,21 @@ def part_equal(ctx: Context, report: dict) -> bool:
         for k in ("compiled", "eager")
     }
     ok = rel["compiled"] <= 1e-4 and bool(torch.isfinite(losses["graph"]).all())
+    trains = min(moved["graph"], moved["compiled"]) >= 0.5 * moved["eager"] > 0
+    ok = ok and trains
     report["equal"].update(
         losses={k: v.tolist() for k, v in losses.items()},
         max_rel_diff_graph_vs_compiled=rel["compiled"], max_rel_diff_graph_vs_eager=rel["eager"],
-        graph_equals_compiled=ok,
+        graph_equals_compiled=ok, stage2_weight_movement=moved, trains_like_eager=trains,
     )  # fmt: skip
     print(
         f"  graph vs compiled (same kernels): max rel. loss difference {rel['compiled']:.2e} "
         f"({'ok' if ok else 'FAILED'}); graph vs eager: {rel['eager']:.2e} over {n} steps"
+    )
+    print(
+        "  stage-2 movement of the latent weights (norm): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in moved.items())
+        + f" ({'ok' if trains else 'FAILED: the compiled step does not train them'})"
     )
     return ok
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -79,6 +80,11 @@ def test_dry_run_exercises_the_step_equal_and_profile_parts_on_the_cpu(tmp_path)
     assert all(r["path"] == "compiled + replayed step (CPU)" for r in compiled)
     assert any("recu finetune compiled <= 1.5x float eager" in t for t in report["targets"])
     assert report["equal"]["graph_equals_compiled"]
+    # stage 2 moves the latent weights of every path alike (the first GPU run's compiled
+    # step did not move them at all)
+    moved = report["equal"]["stage2_weight_movement"]
+    assert moved["eager"] > 0 and report["equal"]["trains_like_eager"]
+    assert moved["graph"] == pytest.approx(moved["eager"], rel=0.05)
     for mode in ("compiled", "eager"):
         table = (out / f"profile_finetune_resnet20_{mode}.txt").read_text()
         assert "Name" in table and "aten::" in table

@@ -47,7 +47,11 @@ if TYPE_CHECKING:
     from recu_cli.training.parts import Parts
 
 from recu_cli.training.config import COMPILE_MODES  # noqa: E402,F401 - re-exported
-from recu_cli.training.optim import compile_enabled, optimizer_options  # noqa: E402,F401
+from recu_cli.training.optim import (  # noqa: E402,F401
+    COMPILE_AUTO_ON_CUDA,
+    compile_enabled,
+    optimizer_options,
+)
 
 GRAPH_WARMUP_STEPS = 3  # eager-compiled steps on a side stream before capture (CUDA docs)
 
@@ -75,6 +79,11 @@ def make_fast_step(
     """The run's FastStep, or None when --compile resolves to off here."""
     if not compile_enabled(cfg.compile, parts.device):
         return None
+    if parts.device.type == "cuda" and not COMPILE_AUTO_ON_CUDA:
+        log(
+            "note: the compiled GPU step is not yet verified to train like the eager one "
+            "(docs/usage.md, --compile); compare a run with --compile off"
+        )
     return FastStep(cfg, info, parts, log, graphs=graphs)
 
 
