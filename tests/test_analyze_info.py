@@ -567,6 +567,15 @@ ODD_NUMBER = st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, -1, 
 NUMBER = st.one_of(ODD_NUMBER, st.floats(), st.integers(-(2**70), 2**70))
 
 
+def test_a_nan_in_a_statistics_shape_is_refused() -> None:
+    """Found by the number fuzz below when run with its checksum check switched off: a NaN
+    in a layer's statistics `shape` passed the readers and broke `recu info --json`."""
+    _, meta, _ = _fuzz_base()
+    doc = json.loads(meta["stats"])
+    doc[0]["shape"][0] = float("nan")
+    _try_everything({**meta, "stats": json.dumps(doc)})
+
+
 @settings(FUZZ, max_examples=30)
 @given(key=st.sampled_from(["tau", "stats", "layers", "model", "recipe"]), data=st.data())
 def test_fuzz_numbers_inside_metadata(key: str, data) -> None:

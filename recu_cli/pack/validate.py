@@ -210,6 +210,13 @@ def parse_stats(path: Path, d: Any, layers: list[dict[str, Any]]) -> list[dict[s
         for k in s.STAT_NUMBERS:
             if k in x and x[k] is not None and not is_num(x[k]):
                 raise damaged(path, f"statistic '{k}' of '{x['name'][:80]}' is not a number")
+        shape = x.get("shape")
+        if shape is not None and not (
+            isinstance(shape, list)
+            and 0 < len(shape) <= s.MAX_OUTPUT_DIMS
+            and all(is_int(v, 1, 1 << 31) for v in shape)
+        ):
+            raise damaged(path, f"statistic 'shape' of '{x['name'][:80]}' is malformed")
         h = x.get("hist")
         if h is not None and not _histogram_ok(h):
             raise damaged(path, f"histogram of '{x['name'][:80]}' is malformed")
