@@ -238,9 +238,10 @@ class ReCUConv2d(nn.Conv2d):
         w0 = centred(self.weight)
         binary = wb * alpha.view(-1, 1, 1, 1).to(wb.dtype)
         mix = mix.to(w0.dtype)
-        # (1 - m) W0 + m alpha sign(W2), written out: torch.lerp's compiled CUDA backward
-        # gave the binary path no gradient (measured on an H200, torch 2.11: the latent
-        # weights froze in stage 2). Exact at 0 and 1 (x * 0 = +-0 and 0 + y = y).
+        # (1 - m) W0 + m alpha sign(W2), written out: with torch.lerp here the compiled CUDA
+        # step left the latent weights unchanged in stage 2 (H200, torch 2.11; CPU compiles
+        # were right), lerp's backward the suspect; this form is not yet verified on a GPU
+        # (docs/performance.md). Exact at 0 and 1 (x * 0 = +-0 and 0 + y = y).
         return w0 * (1.0 - mix) + binary * mix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
