@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -415,3 +416,25 @@ def test_main_job_binarizes_the_shipped_pretrained_demo_model(capsys, tmp_path) 
     assert [r["stage"] for r in rows] == ["1", "2"]
     # 31 steps of stage 1 and 5 of stage 2: training has begun to recover the network
     assert result["final"]["val_top1"] > step0["before"]["top1"] + 3
+
+
+def test_a_larger_max_steps_on_resume_starts_stage_two_where_the_run_stands(
+    capsys, tmp_path
+) -> None:
+    """A run cut by --max-steps inside stage 1 and resumed with a larger --max-steps enters
+    stage 2 at its own step: stage 2's warm-up-free cosine starts there. (It used to be
+    placed at stage 2's nominal first step, 25 steps ahead: lr -24, NaN two steps later.)"""
+    run = tmp_path / "cut"
+    args = ["binarize", "resnet20", "--data", "demo", "--epochs", "2", "-o", str(tmp_path),
+            "--experiment", "cut", "--log-interval", "1", "-q", "--no-step0-eval"]  # fmt: skip
+    code, _, err = run_cli([*args, "--max-steps", "6"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["binarize", "--resume", str(run), "--max-steps", "12", "-q"], capsys)
+    assert code == 0, err
+    assert [r["stage"] for r in csv.DictReader((run / "summary.csv").open())] == ["1", "2"]
+    log = (run / "train.log").read_text()
+    lrs = [float(x) for x in re.findall(r"epoch 2 step \d+/\d+ loss \S+ lr (\S+)", log)]
+    peak = 2e-3  # the finetune recipe's lr
+    # 6 steps of stage 2: lr(t) = peak (1 + cos(pi t / 6)) / 2 after step t = 1..6
+    want = [peak * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(1, 7)]
+    assert lrs == pytest.approx(want, rel=5e-3, abs=1e-9), lrs

@@ -74,9 +74,16 @@ class EpochLoop:
             restart_moments(parts.optimizer, in_place=parts.fast is not None)
             self.run.log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
         first, _ = stage_bounds(cfg, stage)
-        state.stage_start_step = first * parts.steps_per_epoch
-        state.scheduler = build_scheduler(parts.optimizer, cfg, parts.steps_per_epoch, stage)
-        state.scheduler.step_update(state.pos.global_step - state.stage_start_step)
+        start = first * parts.steps_per_epoch
+        if switching:  # here and now: after an epoch cut by --max-steps, before `start`
+            start = state.pos.global_step
+        elif state.stage_start is not None and state.stage_start[0] == stage:
+            start = state.stage_start[1]  # resumed inside the stage: where it began
+        state.stage_start = (stage, start)
+        state.scheduler = build_scheduler(
+            parts.optimizer, cfg, parts.steps_per_epoch, stage, start_step=start
+        )
+        state.scheduler.step_update(state.pos.global_step - start)
 
     def train_epoch(self, progress: Progress, stop: StopOnSigint) -> bool:
         """One epoch from the current position; False when a Ctrl-C asked to stop.
@@ -144,7 +151,7 @@ class EpochLoop:
             pos.step_in_epoch += 1
             pos.global_step += 1
             self.steps_run += 1
-            state.scheduler.step_update(pos.global_step - state.stage_start_step)
+            state.scheduler.step_update(pos.global_step - state.stage_start[1])
             state.metrics.add(loss, images.shape[0], pos.step_in_epoch)
             progress.update(task, advance=1)
         progress.remove_task(task)

@@ -141,16 +141,24 @@ def stage_of(cfg: TrainConfig, epoch: int) -> int:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int, stage: int = 2
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    stage: int = 2,
+    start_step: int | None = None,
 ):
     """timm's cosine schedule with linear warm-up, stepped per update, over one stage (each
-    stage of a two-stage run gets its own warm-up and cosine, as in ReActNet)."""
+    stage of a two-stage run gets its own warm-up and cosine, as in ReActNet). `start_step`:
+    the global step the stage began at (default: its first epoch's first step); the
+    scheduler is then stepped with the steps taken since."""
     from timm.scheduler import CosineLRScheduler
 
     first, end = stage_bounds(cfg, stage)
     total = (end - first) * steps_per_epoch
+    if start_step is None:
+        start_step = first * steps_per_epoch
     if cfg.max_steps:
-        total = max(1, min(total, cfg.max_steps - first * steps_per_epoch))
+        total = max(1, min(total, cfg.max_steps - start_step))
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     return CosineLRScheduler(
         optimizer,

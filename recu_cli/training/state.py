@@ -46,7 +46,9 @@ class TrainState:
     step0: dict[str, Any] | None = None
     stage: int = 2
     scheduler: Any = None
-    stage_start_step: int = 0
+    # the global step at which the current stage began: (stage, step), saved in resume.pt.
+    # first epoch * steps per epoch, unless an epoch before it was cut by --max-steps
+    stage_start: tuple[int, int] | None = None
     stop_agreed: bool = False  # all ranks agreed at a sync point to stop at the next step
 
 
@@ -66,6 +68,8 @@ def resume_state(
         "step0": json.dumps(state.step0),
         "skipped": json.dumps(state.skipped.state()),
     }
+    if state.stage_start is not None:
+        saved["stage_start"] = json.dumps(list(state.stage_start))
     if device.type == "cuda":  # the ranks' generators advance alike: rank 0's serves
         saved["rng_cuda"] = torch.cuda.get_rng_state(device)
     return saved
@@ -81,6 +85,9 @@ def restore(saved: dict[str, Any], state: TrainState, info: DistInfo, device: to
     state.step0 = json.loads(saved["step0"]) if "step0" in saved else None
     if "skipped" in saved:
         state.skipped.load(json.loads(saved["skipped"]))
+    if "stage_start" in saved:  # absent in files from before it: the epoch formula holds
+        stage, step = json.loads(saved["stage_start"])
+        state.stage_start = (int(stage), int(step))
     torch.set_rng_state(saved["rng_torch"])
     if "rng_cuda" in saved and device.type == "cuda":
         torch.cuda.set_rng_state(saved["rng_cuda"], device)
