@@ -576,6 +576,18 @@ def test_a_nan_in_a_statistics_shape_is_refused() -> None:
     _try_everything({**meta, "stats": json.dumps(doc)})
 
 
+def test_a_b_hat_whose_square_underflows_is_shown_as_n_a() -> None:
+    """Found by the number fuzz: b_hat = 7.4e-165 (finite, positive) squared is 0, and the
+    QE / b_hat^2 column of `recu analyze` divided by zero; a histogram range as small
+    would divide by zero in the histogram lines."""
+    _, meta, _ = _fuzz_base()
+    doc = json.loads(meta["stats"])
+    doc[0]["b_hat"] = 7.431029993083556e-165
+    _try_everything({**meta, "stats": json.dumps(doc)})
+    doc[0]["hist"]["range"] = 5e-324  # 2 R / bins = 0: the terminal histogram's step
+    _try_everything({**meta, "stats": json.dumps(doc)})
+
+
 @settings(FUZZ, max_examples=30)
 @given(key=st.sampled_from(["tau", "stats", "layers", "model", "recipe"]), data=st.data())
 def test_fuzz_numbers_inside_metadata(key: str, data) -> None:

@@ -223,11 +223,14 @@ def parse_stats(path: Path, d: Any, layers: list[dict[str, Any]]) -> list[dict[s
     return stats
 
 
+HIST_RANGE = (1e-30, 1e30)  # R of a histogram: |W1| of standardized weights is ~1-10
+
+
 def _histogram_ok(h: Any) -> bool:
     return (
         isinstance(h, dict)
         and is_num(h.get("range"))
-        and h["range"] > 0
+        and HIST_RANGE[0] <= h["range"] <= HIST_RANGE[1]  # 2 R / bins stays a normal float
         and isinstance(h.get("counts"), list)
         and 0 < len(h["counts"]) <= 10_000
         and all(is_int(c, 0, 1 << 62) for c in h["counts"])

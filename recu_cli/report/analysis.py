@@ -138,8 +138,8 @@ def _layer_columns(result: dict[str, Any]) -> list[Column]:
     def per_b2(key: str):
         def cell(s: dict[str, Any]) -> str:
             b = s.get("b_hat")
-            ok = _isnum(b) and b > 0 and _isnum(s.get(key))
-            return _num(s[key] / (b * b)) if ok else "n/a"
+            b2 = b * b if _isnum(b) else 0.0  # 0 also when a tiny b_hat underflows
+            return _num(s[key] / b2) if b2 > 0 and _isnum(s.get(key)) else "n/a"
 
         return cell
 
