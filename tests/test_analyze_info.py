@@ -586,6 +586,10 @@ def test_a_b_hat_whose_square_underflows_is_shown_as_n_a() -> None:
     _try_everything({**meta, "stats": json.dumps(doc)})
     doc[0]["hist"]["range"] = 5e-324  # 2 R / bins = 0: the terminal histogram's step
     _try_everything({**meta, "stats": json.dumps(doc)})
+    for key, value in (("q", -1e308), ("dead_share", 1e308)):  # infinite sums and columns
+        doc = json.loads(meta["stats"])
+        doc[0][key] = value
+        _try_everything({**meta, "stats": json.dumps(doc)})
 
 
 @settings(FUZZ, max_examples=30)

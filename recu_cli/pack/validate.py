@@ -208,7 +208,8 @@ def parse_stats(path: Path, d: Any, layers: list[dict[str, Any]]) -> list[dict[s
         raise damaged(path, f"metadata '{s.STATS}' does not list the binary layers")
     for x in stats:
         for k in s.STAT_NUMBERS:
-            if k in x and x[k] is not None and not is_num(x[k]):
+            v = x.get(k)
+            if v is not None and not (is_num(v) and abs(v) <= STAT_ABS_MAX):
                 raise damaged(path, f"statistic '{k}' of '{x['name'][:80]}' is not a number")
         shape = x.get("shape")
         if shape is not None and not (
@@ -223,6 +224,7 @@ def parse_stats(path: Path, d: Any, layers: list[dict[str, Any]]) -> list[dict[s
     return stats
 
 
+STAT_ABS_MAX = 1e30  # every statistic; sums and ratios of them stay finite
 HIST_RANGE = (1e-30, 1e30)  # R of a histogram: |W1| of standardized weights is ~1-10
 
 
