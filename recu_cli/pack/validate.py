@@ -212,11 +212,7 @@ def parse_stats(path: Path, d: Any, layers: list[dict[str, Any]]) -> list[dict[s
             if v is not None and not (is_num(v) and abs(v) <= STAT_ABS_MAX):
                 raise damaged(path, f"statistic '{k}' of '{x['name'][:80]}' is not a number")
         shape = x.get("shape")
-        if shape is not None and not (
-            isinstance(shape, list)
-            and 0 < len(shape) <= s.MAX_OUTPUT_DIMS
-            and all(is_int(v, 1, 1 << 31) for v in shape)
-        ):
+        if shape is not None and not _dims_ok(shape):
             raise damaged(path, f"statistic 'shape' of '{x['name'][:80]}' is malformed")
         h = x.get("hist")
         if h is not None and not _histogram_ok(h):
@@ -307,13 +303,14 @@ def _module_ok(e: dict[str, Any]) -> bool:
         and 0 < len(kind) <= 100
         and kind.isidentifier()
         and (output is None) == (macs is None)
-        and (
-            output is None
-            or (
-                isinstance(output, list)
-                and 0 < len(output) <= s.MAX_OUTPUT_DIMS
-                and all(is_int(x, 1, 1 << 31) for x in output)
-                and is_int(macs, 0, 1 << 62)
-            )
-        )
+        and (output is None or (_dims_ok(output) and is_int(macs, 0, 1 << 62)))
+    )
+
+
+def _dims_ok(dims: Any) -> bool:
+    """A shape: 1 to MAX_OUTPUT_DIMS ints in 1..2^31."""
+    return (
+        isinstance(dims, list)
+        and 0 < len(dims) <= s.MAX_OUTPUT_DIMS
+        and all(is_int(d, 1, 1 << 31) for d in dims)
     )

@@ -23,7 +23,7 @@ from recu_cli.setting import EXECUTION, LONGER, check_fields, check_mapping, dec
 from recu_cli.training.resumeclock import DEFAULT_INTERVAL, parse_interval
 
 OPTIMIZERS = tuple(PAPER_LR)
-COMPILE_MODES = ("auto", "on", "off")  # as training/fast_step.py (torch-free here)
+COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
 DISTILL, RUN = "Distillation", "Run, output and speed"
 

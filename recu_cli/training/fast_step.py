@@ -46,12 +46,7 @@ if TYPE_CHECKING:
     from recu_cli.training.distributed import DistInfo
     from recu_cli.training.parts import Parts
 
-from recu_cli.training.config import COMPILE_MODES  # noqa: E402,F401 - re-exported
-from recu_cli.training.optim import (  # noqa: E402,F401
-    COMPILE_AUTO_ON_CUDA,
-    compile_enabled,
-    optimizer_options,
-)
+from recu_cli.training.optim import COMPILE_AUTO_ON_CUDA, compile_enabled  # noqa: E402
 
 GRAPH_WARMUP_STEPS = 3  # eager-compiled steps on a side stream before capture (CUDA docs)
 
