@@ -6,8 +6,7 @@ command line's defaults, which must not pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from recu_cli.lazy import lazy_names
 
 _HOMES = {
     "sign_pos": "functions",
@@ -19,7 +18,4 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+__getattr__ = lazy_names(__name__, _HOMES)

@@ -13,8 +13,7 @@ Importing this package imports no torch; its names are loaded on first use (PEP 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from recu_cli.lazy import lazy_names
 
 _EXPORTS = {
     "create_model": "create",
@@ -32,8 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_names(__name__, _EXPORTS)

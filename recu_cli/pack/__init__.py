@@ -15,9 +15,7 @@ header, validator, packed_file and reader does not import torch; the names that 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from recu_cli.lazy import lazy_names
 from recu_cli.pack.header import MAX_HEADER_BYTES, TensorInfo
 from recu_cli.pack.packed_file import PackedFile, checksum_matches, parse, verify_checksum
 from recu_cli.pack.reader import read, read_spec
@@ -72,13 +70,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """The torch-using names (and submodules), imported when first asked for."""
-    if name in _MODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name in _TORCH_NAMES:
-        return getattr(importlib.import_module(f"{__name__}.{_TORCH_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _TORCH_NAMES, _MODULES)  # torch-using names, submodules
 
 
 def __dir__() -> list[str]:
