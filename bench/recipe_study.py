@@ -43,6 +43,14 @@ VARIANTS: dict[str, list[str]] = {
     "split2": ["--stage1-epochs", "2"],
     "split4": ["--stage1-epochs", "4"],
     "zero-thr": ["--act-threshold", "zero"],
+    # the stage switch (issue 27): candidates on top of the finetune default
+    "penalty3": ["--binarize-penalty", "3"],
+    "penalty10": ["--binarize-penalty", "10"],
+    "penalty30": ["--binarize-penalty", "30"],
+    "penalty100": ["--binarize-penalty", "100"],
+    "ramp0.5": ["--binarize-ramp", "0.5"],
+    "ramp1": ["--binarize-ramp", "1"],
+    "penalty10-ramp1": ["--binarize-penalty", "10", "--binarize-ramp", "1"],
 }
 
 

@@ -29,23 +29,32 @@ from recu_cli.bnn import binary_layers, convert_model
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.runtime.allocator import keep_freed_memory
+from recu_cli.training.switch import model_sign_gap
 
 CASES = (("resnet20", 32, 128), ("resnet18", 224, 16))
 FINETUNE = ConvertConfig(activation="prelu", act_threshold="median", tau=0.85)
-# (label, conversion, stage 1?): the paper's layer, and the finetune recipe's in both stages
+# (label, conversion, weight mix, stage-1 penalty?): the paper's layer, and the finetune
+# recipe's in both stages and at its switch (training/switch.py: the penalty's extra term in
+# stage 1, the ramp's blend of both weight paths at the start of stage 2)
 VARIANTS = (
-    ("recu paper", ConvertConfig(tau=0.85), False),
-    ("recu finetune stage 1", FINETUNE, True),
-    ("recu finetune stage 2", FINETUNE, False),
+    ("recu paper", ConvertConfig(tau=0.85), 1.0, False),
+    ("recu finetune stage 1", FINETUNE, 0.0, False),
+    ("recu finetune stage 1 + penalty", FINETUNE, 0.0, True),
+    ("recu finetune ramp (mix 0.5)", FINETUNE, 0.5, False),
+    ("recu finetune stage 2", FINETUNE, 1.0, False),
 )
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool = False):
+def make_step(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool = False,
+    penalty: bool = False,
+):  # fmt: skip
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y)
+        return loss + 10.0 * model_sign_gap(model) if penalty else loss
 
     loss_fn = torch.compile(loss_of, fullgraph=True, dynamic=False) if compiled else loss_of
 
@@ -90,14 +99,14 @@ def main() -> None:
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
         steps = {"fp32": make_step(fp, x, y)}
-        for label, config, stage1 in VARIANTS:
+        for label, config, mix, penalty in VARIANTS:
             bnn, _ = create_model(name, num_classes=10)
             bnn.load_state_dict(fp.state_dict())
             bnn, _ = convert_model(bnn, config)
             for _, layer in binary_layers(bnn):
-                layer.binarize_weights = not stage1
-            steps[label] = make_step(bnn, x, y)
-            if args.compile and not stage1:  # compiled, both stages are one graph
+                layer.set_weight_mix(mix)
+            steps[label] = make_step(bnn, x, y, penalty=penalty)
+            if args.compile and mix == 1.0:  # compiled, every stage is one graph
                 twin = copy.deepcopy(bnn)
                 steps[label + " compiled"] = make_step(twin, x, y, compiled=True)
         if args.compile:

@@ -44,6 +44,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "finetune": {
         "lr": 2e-3,
         "stage1_epochs": EpochShare(0.5),
+        "binarize_penalty": 0.0,
+        "binarize_ramp": 0.0,
         "feature_kd": 3.0,
         "other_lr_scale": 3.0,
         "bn_recalib": 0,
@@ -53,6 +55,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": {
         "lr": None,  # PAPER_LR by --opt
         "stage1_epochs": 0,
+        "binarize_penalty": 0.0,
+        "binarize_ramp": 0.0,
         "feature_kd": 0.0,
         "other_lr_scale": 1.0,
         "bn_recalib": 0,

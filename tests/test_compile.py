@@ -139,7 +139,7 @@ def step_parts(model: nn.Module, teacher: nn.Module, taps: bool) -> SimpleNamesp
         features = (FeatureTap(model, points), FeatureTap(teacher, points))
     return SimpleNamespace(
         ddp_model=model, teacher=teacher, features=features, amp_dtype=None,
-        device=torch.device("cpu"),
+        device=torch.device("cpu"), sign_penalty=None, model=model,
     )  # fmt: skip
 
 

@@ -68,7 +68,8 @@ def flags_of(cmd: Any) -> set[str]:
 
 
 def test_flags_stay_as_they_were() -> None:
-    assert flags_of(command("binarize")) == BINARIZE_FLAGS | {"--kd-temperature"}
+    added = {"--kd-temperature", "--binarize-penalty", "--binarize-ramp"}  # issues 23, 27
+    assert flags_of(command("binarize")) == BINARIZE_FLAGS | added
     assert flags_of(command("convert")) == CONVERT_FLAGS
 
 
@@ -128,7 +129,10 @@ def test_kd_temperature_has_a_flag() -> None:
     assert config_of("resnet20", "--data", "demo", "--kd-temperature", "4").kd_temperature == 4.0
 
 
-ADDED_SINCE_0_1_0 = {"compile": "auto", "data_path": "auto"}
+# execution settings at their defaults; issue 27's switch levers as those runs trained (off)
+ADDED_SINCE_0_1_0 = {
+    "compile": "auto", "data_path": "auto", "binarize_penalty": 0.0, "binarize_ramp": 0.0,
+}  # fmt: skip
 
 
 def fixture_config(name: str, data: Path, out: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ W1 = k (W - mean) / sqrt(var + eps)      standardized, k = sqrt(2) b_star
 b_hat = mean |W1|                        Laplace scale of the layer (detached)
 Q(tau) = -b_hat ln(2 - 2 tau)            clamp threshold, the tau-quantile
 W2 = clamp(W1, -Q, Q)                    ReCU(W1); the layer binarizes sign(W2)
+gap = 1 - mean|W0|^2 / mean(W0^2)        what binarizing W0 loses, per channel (sign_gap)
 
 `recu_weights` computes them; `ReCUConv2d.quantize` returns it as is and the fused autograd
 function below runs the same function forward, so the readable and the fast path cannot
@@ -20,6 +21,7 @@ import torch
 from recu_cli.binarize.functions import sign_pos
 
 WEIGHT_EPS = 1e-5
+SIGN_GAP_EPS = 1e-20  # keeps an all-zero channel at gap 1 instead of 0 / 0
 
 
 class Quantized(NamedTuple):
@@ -41,6 +43,19 @@ def channel_mean_abs(w: torch.Tensor) -> torch.Tensor:
 
     Of W0 it is the pretrained alpha; of W2 the paper's analytic alpha E|ReCU(W)|."""
     return w.abs().mean(dim=(1, 2, 3)).view(-1, 1, 1)
+
+
+def sign_gap(w0: torch.Tensor) -> torch.Tensor:
+    """||W0 - a sign(W0)||^2 / ||W0||^2 with a = mean |W0|, per output channel, averaged.
+
+    The share of a channel's weight energy that its best binary approximation loses
+    (a = mean |W0| is the least-squares scale): 0 when every |w| is equal, 1 - 2/pi for a
+    Gaussian channel, 1/2 for a Laplace one. Scale-free, so one penalty weight means the
+    same in every layer; the stage-1 penalty of training/switch.py lowers it so that the
+    stage switch, which replaces W0 by alpha sign(W0), changes the network less."""
+    mean_abs = w0.abs().mean(dim=(1, 2, 3))
+    mean_sq = w0.square().mean(dim=(1, 2, 3))
+    return (1.0 - mean_abs.square() / (mean_sq + SIGN_GAP_EPS)).mean()
 
 
 def recu_threshold(b_hat: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

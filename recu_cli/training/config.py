@@ -23,6 +23,10 @@ from recu_cli.setting import EXECUTION, LONGER, check_fields, check_mapping, dec
 from recu_cli.training.resumeclock import DEFAULT_INTERVAL, parse_interval
 
 OPTIMIZERS = tuple(PAPER_LR)
+# Levers added after runs were saved without them, and the value those runs trained with:
+# a run's config.json without the key (--resume, --config RUN/config.json) gets it, so the
+# run is reproduced; a fresh run, or a config file of the user's own, takes the recipe's.
+ABSENT_FROM_OLDER_RUNS = {"binarize_penalty": 0.0, "binarize_ramp": 0.0}
 COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
 DISTILL, RUN = "Distillation", "Run, output and speed"
@@ -75,6 +79,21 @@ class TrainConfig:
         "Epochs of stage 1 (binary activations, real weights) before ReCU's binary "
         "weights; 0 = one stage.",
         min=0,
+        panel=SCHEDULE,
+    )
+    binarize_penalty: float | None = setting(
+        None,
+        "Weight of stage 1's penalty that draws each channel's real weights toward +-alpha "
+        "(growing from 0 over stage 1), so binarizing them at the switch loses less; 0 = none.",
+        min=0.0,
+        panel=SCHEDULE,
+    )
+    binarize_ramp: float | None = setting(
+        None,
+        "Epochs at the start of stage 2 over which the weights turn binary step by step "
+        "(a blend of real and binary weights); 0 = all at once, at most 1.",
+        min=0.0,
+        max=1.0,
         panel=SCHEDULE,
     )
     max_steps: int | None = setting(
@@ -373,6 +392,7 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         kept = {k: v for k, v in d.items() if k in names}
         kept.setdefault("recipe", "paper")
+        kept = {**ABSENT_FROM_OLDER_RUNS, **kept}
         if source:
             kept = check_mapping(cls, kept, source)
         return cls(**kept)
@@ -414,7 +434,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RecuError(f"cannot read config file {path} ({first})") from None
     if isinstance(payload, dict) and isinstance(payload.get("train"), dict):
-        payload = payload["train"]
+        payload = {**ABSENT_FROM_OLDER_RUNS, **payload["train"]}  # a run's own config.json
     if not isinstance(payload, dict):
         raise RecuError(f"config file {path} must hold a mapping of setting: value")
     return check_mapping(TrainConfig, payload, f"config file {path}")

@@ -20,6 +20,7 @@ from recu_cli.training.signals import StopOnSigint
 from recu_cli.training.state import TrainingStopped, TrainState, resume_state
 from recu_cli.training.step_metrics import SyncResult
 from recu_cli.training.steps import epoch_line, epoch_row, train_step, validate
+from recu_cli.training.switch import penalty_share, ramp_mix, set_weight_mix
 
 SYNC_STEPS = 50  # host sync points without --log-interval (non-finite loss, Ctrl-C under DDP)
 
@@ -68,6 +69,8 @@ class EpochLoop:
         state.stage = stage
         for _, layer in binary_layers(parts.model):
             layer.binarize_weights = stage == 2
+        if parts.sign_penalty is not None:
+            parts.sign_penalty.set_share(0.0)  # stage 1's alone; set per step there
         if switching:
             for _, layer in binary_layers(parts.model):
                 layer.reset_alpha_from_latent()
@@ -145,6 +148,7 @@ class EpochLoop:
                 continue
             if cfg.tau_update == "step":
                 set_tau(parts.model, tau_at(cfg, steps_per_epoch, epoch, pos.step_in_epoch))
+            self._switch_schedule()
             loss = train_step(cfg, parts, images, targets)
             images_seen += images.shape[0]
             steps_here += 1
@@ -158,6 +162,19 @@ class EpochLoop:
         self._sync_point(stop)  # no epoch ends on a non-finite loss
         self._end_epoch(time.perf_counter() - start, images_seen)
         return True
+
+    def _switch_schedule(self) -> None:
+        """This step's stage-1 penalty share and stage-2 weight blend (training/switch.py),
+        from the steps taken in the stage: a resumed run computes the same."""
+        cfg, parts, state = self.cfg, self.parts, self.state
+        steps_in_stage = state.pos.global_step - state.stage_start[1]
+        if state.stage == 1 and parts.sign_penalty is not None:
+            first, end = stage_bounds(cfg, 1)
+            stage_steps = (end - first) * parts.steps_per_epoch
+            parts.sign_penalty.set_share(penalty_share(steps_in_stage, stage_steps))
+        elif state.stage == 2 and cfg.binarize_ramp:
+            ramp_steps = round(cfg.binarize_ramp * parts.steps_per_epoch)
+            set_weight_mix(parts.model, ramp_mix(steps_in_stage, ramp_steps))
 
     def _skip_bad(self, bad) -> None:
         """Unreadable training images: a warning per file, counted; fatal with --strict-data
@@ -221,6 +238,8 @@ class EpochLoop:
         """Validate, record the row, write checkpoints, resume point and summary.csv (last:
         it never lists an epoch that is not saved), then the epoch's line."""
         cfg, parts, state = self.cfg, self.parts, self.state
+        if state.stage == 2:  # binary weights, also where --max-steps cut a ramp short:
+            set_weight_mix(parts.model, 1.0)  # what is validated is what is packed
         if state.pos.epoch + 1 == cfg.epochs and cfg.bn_recalib:
             self._reestimate_batchnorm()
         sync_buffers(parts.model, self.info)

@@ -28,6 +28,7 @@ from recu_cli.training.distributed import DistInfo
 from recu_cli.training.optim import build_optimizer, optimizer_options
 from recu_cli.training.sampling import EpochBatchSampler, SeededItems
 from recu_cli.training.signals import ignore_sigint
+from recu_cli.training.switch import SignPenalty
 
 Log = Callable[..., None]
 
@@ -51,6 +52,7 @@ class Parts:
     original: nn.Module | None = None  # the unconverted model, for step 0 (then dropped)
     data_path: DataPathChoice | None = None  # which loaders (fastdata/choice.py) and why
     fast: Any = None  # --compile: the compiled (CUDA-graph) step, training/fast_step.py
+    sign_penalty: SignPenalty | None = None  # --binarize-penalty's weight (training/switch.py)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -109,8 +111,15 @@ def build_parts(
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
         optimizer, scaler, amp_dtype, teacher, _feature_taps(cfg, model, teacher), original,
-        data_path,
+        data_path, sign_penalty=_sign_penalty(cfg, device),
     )  # fmt: skip
+
+
+def _sign_penalty(cfg: TrainConfig, device: torch.device) -> SignPenalty | None:
+    """Stage 1's binarization penalty, where there is a stage 1 and a weight for it."""
+    if not (cfg.binarize_penalty and cfg.stage1_epochs):
+        return None
+    return SignPenalty(cfg.binarize_penalty, device)
 
 
 def build_loaders(

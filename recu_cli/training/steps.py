@@ -16,6 +16,7 @@ from recu_cli.training.distill import attention_loss, distillation_loss
 from recu_cli.training.distributed import DistInfo, agree, all_reduce_sum
 from recu_cli.training.parts import Parts
 from recu_cli.training.state import TrainState
+from recu_cli.training.switch import model_sign_gap
 from recu_cli.training.trackers import FlipTracker
 
 
@@ -49,7 +50,8 @@ def forward_loss(
     cache: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """The training loss of one batch: student forward, cross-entropy, distillation from
-    the teacher's logits and features. No host sync (it is what --compile compiles)."""
+    the teacher's logits and features, stage 1's binarization penalty. No host sync (it is
+    what --compile compiles)."""
     if parts.features is not None:
         for tap in parts.features:
             tap.clear()
@@ -65,6 +67,10 @@ def forward_loss(
             student_tap, teacher_tap = parts.features
             at = attention_loss(student_tap.take(), teacher_tap.take())
             loss = loss + cfg.feature_kd * at
+    if parts.sign_penalty is not None:
+        penalty = parts.sign_penalty.term(parts.model)
+        if penalty is not None:
+            loss = loss + penalty
     return loss
 
 
@@ -113,6 +119,7 @@ def epoch_row(
             "tau": binary_layers(parts.model)[0][1].tau,
             "dead": dead_weight_counts(parts.model),
             "flips": state.flips.count_tensor(parts.model),
+            "gap": model_sign_gap(parts.model).detach(),
         }
     )
     return {
@@ -129,6 +136,7 @@ def epoch_row(
         "seconds": seconds,
         "img_per_s": steady_rate(images_seen, seconds, warmup) * info.world_size,
         "skipped_images": int(skipped),
+        "sign_gap": weights["gap"],
     }
 
 
