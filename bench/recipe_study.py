@@ -51,6 +51,10 @@ VARIANTS: dict[str, list[str]] = {
     "ramp0.5": ["--binarize-ramp", "0.5"],
     "ramp1": ["--binarize-ramp", "1"],
     "penalty10-ramp1": ["--binarize-penalty", "10", "--binarize-ramp", "1"],
+    "warmup0.5": ["--warmup-epochs", "0.5"],
+    "keep-moments": ["--switch-moments", "keep"],
+    "split1": ["--stage1-epochs", "1"],
+    "latent-lr1e-3": ["--lr", "1e-3", "--other-lr-scale", "6"],
 }
 
 

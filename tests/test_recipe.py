@@ -349,6 +349,23 @@ def test_stage_switch_changes_exactly_what_it_says(
     assert trainer.parts.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.base_lr)
 
 
+def test_switch_moments_keep_carries_adams_state_into_stage_two(
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
+) -> None:
+    cfg = finetune_config(
+        small_cifar, resnet20_weights, tmp_path, "keep", epochs=2, switch_moments="keep"
+    )
+    trainer = Trainer(cfg, quiet=True)
+    first = next(trainer.parts.model.parameters())
+    trainer.parts.optimizer.state[first]["exp_avg"] = torch.ones(3)
+    trainer.state.pos.epoch, trainer.state.pos.global_step = 1, trainer.steps_per_epoch
+    trainer.loop.enter_stage(2, switching=True)
+    assert torch.equal(trainer.parts.optimizer.state[first]["exp_avg"], torch.ones(3))
+    assert all(m.binarize_weights for _, m in binary_layers(trainer.parts.model))
+
+
 def test_autocast_bf16_steps_of_the_recipe_on_cpu(
     capsys,
     small_cifar,  # noqa: F811

@@ -68,7 +68,7 @@ def flags_of(cmd: Any) -> set[str]:
 
 
 def test_flags_stay_as_they_were() -> None:
-    added = {"--kd-temperature", "--binarize-penalty", "--binarize-ramp"}  # issues 23, 27
+    added = {"--kd-temperature", "--binarize-penalty", "--binarize-ramp", "--switch-moments"}
     assert flags_of(command("binarize")) == BINARIZE_FLAGS | added
     assert flags_of(command("convert")) == CONVERT_FLAGS
 
@@ -132,6 +132,7 @@ def test_kd_temperature_has_a_flag() -> None:
 # execution settings at their defaults; issue 27's switch levers as those runs trained (off)
 ADDED_SINCE_0_1_0 = {
     "compile": "auto", "data_path": "auto", "binarize_penalty": 0.0, "binarize_ramp": 0.0,
+    "switch_moments": "reset",
 }  # fmt: skip
 
 

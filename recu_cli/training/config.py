@@ -96,6 +96,13 @@ class TrainConfig:
         max=1.0,
         panel=SCHEDULE,
     )
+    switch_moments: str = setting(
+        "reset",
+        "At the stage switch, Adam's moments (SGD's momentum) start again from zero "
+        "('reset', as a new optimizer would) or carry on from stage 1 ('keep').",
+        choices=("reset", "keep"),
+        panel=SCHEDULE,
+    )
     max_steps: int | None = setting(
         None,
         "Stop after N optimizer steps (with --resume: a larger number trains on).",

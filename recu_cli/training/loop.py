@@ -63,8 +63,9 @@ class EpochLoop:
     def enter_stage(self, stage: int, switching: bool) -> None:
         """Stage 1 trains real centred weights behind binary activations; stage 2 binarizes
         the weights too. Switching: alpha starts at mean |W0| (so alpha * sign(W0) continues
-        stage 1's W0) and Adam's moments restart, as the loss surface changes. Either way the
-        stage gets its own schedule, continued from the current step."""
+        stage 1's W0) and Adam's moments restart (unless --switch-moments keep), as the loss
+        surface changes. Either way the stage gets its own schedule, continued from the
+        current step."""
         cfg, parts, state = self.cfg, self.parts, self.state
         state.stage = stage
         for _, layer in binary_layers(parts.model):
@@ -74,7 +75,8 @@ class EpochLoop:
         if switching:
             for _, layer in binary_layers(parts.model):
                 layer.reset_alpha_from_latent()
-            restart_moments(parts.optimizer, in_place=parts.fast is not None)
+            if cfg.switch_moments == "reset":
+                restart_moments(parts.optimizer, in_place=parts.fast is not None)
             self.run.log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
         first, _ = stage_bounds(cfg, stage)
         start = first * parts.steps_per_epoch
