@@ -149,18 +149,25 @@ def step_parts(model: nn.Module, teacher: nn.Module, taps: bool) -> SimpleNamesp
         ("resnet20", "paper", 2),
         ("resnet20", "finetune", 1),
         ("resnet20", "finetune", 2),
+        ("resnet20", "finetune", 1.5),  # --binarize-ramp's blend, with stage 1's penalty
         ("resnet18", "paper", 2),
         ("resnet18", "finetune", 1),
     ],
 )
-def test_explain_finds_no_graph_breaks(name: str, recipe: str, stage: int) -> None:
+def test_explain_finds_no_graph_breaks(name: str, recipe: str, stage: float) -> None:
     """The loss a run compiles (student, teacher, distillation; finetune with its feature
-    taps) is one graph: `torch._dynamo.explain` finds no break."""
+    taps; the switch's penalty and blend) is one graph: `torch._dynamo.explain` finds no
+    break."""
+    from recu_cli.training.switch import SignPenalty
+
     model, teacher = recipe_model(name, recipe)
     for _, layer in binary_layers(model):
-        layer.binarize_weights = stage == 2
+        layer.set_weight_mix(stage - 1)
     cfg = SimpleNamespace(kd_temperature=1.0, kd_weight=1.0, feature_kd=3.0)
     parts = step_parts(model, teacher, taps=recipe == "finetune")
+    if stage == 1.5:
+        parts.sign_penalty = SignPenalty(10.0, torch.device("cpu"))
+        parts.sign_penalty.set_share(0.5)
     size = 32
     x, y = torch.randn(2, 3, size, size), torch.tensor([1, 7])
     torch._dynamo.reset()
