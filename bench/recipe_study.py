@@ -55,7 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     "keep-moments": ["--switch-moments", "keep"],
     "split1": ["--stage1-epochs", "1"],
     "latent-lr1e-3": ["--lr", "1e-3", "--other-lr-scale", "6"],
-    "lr4e-3": ["--lr", "4e-3"],
+    "lr4e-3": ["--lr", "4e-3"],  # the finetune default since issue 27
+    "lr2e-3": ["--lr", "2e-3"],  # the finetune default before it
     "b64": ["-b", "64"],
     "lr4e-3-keep": ["--lr", "4e-3", "--switch-moments", "keep"],
 }

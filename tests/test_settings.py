@@ -129,7 +129,8 @@ def test_kd_temperature_has_a_flag() -> None:
     assert config_of("resnet20", "--data", "demo", "--kd-temperature", "4").kd_temperature == 4.0
 
 
-# execution settings at their defaults; issue 27's switch levers as those runs trained (off)
+# execution settings at their defaults; issue 27's switch levers at the recipe's (off), as
+# those runs trained
 ADDED_SINCE_0_1_0 = {
     "compile": "auto", "data_path": "auto", "binarize_penalty": 0.0, "binarize_ramp": 0.0,
     "switch_moments": "reset",
