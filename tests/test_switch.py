@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,12 +15,13 @@ from safetensors.torch import load_file
 from recu_cli.binarize.layers import ReCUConv2d
 from recu_cli.binarize.weights import sign_gap
 from recu_cli.bnn import binary_layers
-from recu_cli.training import Trainer
+from recu_cli.training import TrainConfig, Trainer
+from recu_cli.training.state import TrainingStopped
 from recu_cli.training.switch import model_sign_gap, penalty_share, ramp_mix
 from tests.resume_checks import assert_continued, assert_fresh_run, saved_position
 from tests.test_cli_models import run_cli
 from tests.test_recipe import finetune_config
-from tests.test_train import final_state, same_threads_env, small_cifar  # noqa: F401
+from tests.test_train import final_state, small_cifar  # noqa: F401
 
 STEPS = 120 // 16  # small_cifar's 120 training images in batches of 16
 
@@ -71,10 +69,11 @@ def test_a_run_applies_both_schedules_step_by_step(
     """Penalty weight and weight blend as each training step sees them, read inside the
     forward of a real run; the penalty lowers the gap that binarizing costs."""
     cfg = finetune_config(
-        small_cifar, resnet20_weights, tmp_path, "sched", epochs=3, stage1_epochs=1,
+        small_cifar, resnet20_weights, tmp_path, "sched", epochs=2, stage1_epochs=1,
         binarize_penalty=40.0, binarize_ramp=0.5,
     )  # fmt: skip
     trainer = Trainer(cfg, quiet=True)
+    gap_before = model_sign_gap(trainer.parts.model).item()
     layer = binary_layers(trainer.parts.model)[0][1]
     seen: list[tuple[float, float]] = []
 
@@ -87,58 +86,55 @@ def test_a_run_applies_both_schedules_step_by_step(
     trainer.fit()
     ramp = round(0.5 * STEPS)  # 4 steps
     want_stage1 = [(40.0 * (k + 1) / STEPS, 0.0) for k in range(STEPS)]
-    want_stage2 = [(0.0, min(1.0, (k + 1) / ramp)) for k in range(2 * STEPS)]
+    want_stage2 = [(0.0, min(1.0, (k + 1) / ramp)) for k in range(STEPS)]
     want = want_stage1 + want_stage2
     assert len(seen) == len(want)
     for got, expected in zip(seen, want, strict=True):
         assert got == pytest.approx(expected, rel=1e-6), (got, expected)
     assert all(m._weight_mix == 1.0 for _, m in binary_layers(trainer.parts.model))
     rows = list(csv.DictReader((trainer.run_dir / "summary.csv").open()))
-    assert [r["stage"] for r in rows] == ["1", "2", "2"]
-    assert all(0.0 <= float(r["sign_gap"]) < 1.0 for r in rows)
-    plain = finetune_config(
-        small_cifar, resnet20_weights, tmp_path, "plain", epochs=3, stage1_epochs=1
-    )
-    Trainer(plain, quiet=True).fit()
-    plain_rows = list(csv.DictReader((tmp_path / "plain" / "summary.csv").open()))
-    # after stage 1, the penalized run's weights lose less to binarization
-    assert float(rows[0]["sign_gap"]) < float(plain_rows[0]["sign_gap"]) - 0.01
+    assert [r["stage"] for r in rows] == ["1", "2"]
+    # stage 1's penalty drew the weights toward +-alpha: binarizing them loses less (7
+    # steps of the task loss alone move it by about 0.003 here)
+    assert 0.0 < float(rows[0]["sign_gap"]) < gap_before - 0.01
 
 
-def test_sigint_inside_the_ramp_after_a_penalized_stage_resumes_to_the_bit(
-    capsys,
+def test_ctrl_c_inside_the_ramp_after_a_penalized_stage_resumes_to_the_bit(
     small_cifar,  # noqa: F811
     resnet20_weights,
     tmp_path,
 ) -> None:
-    args = [
-        "binarize", "resnet20", "--weights", str(resnet20_weights), "--data", str(small_cifar),
-        "--epochs", "2", "-b", "16", "--seed", "5", "--log-interval", "1", "--no-step0-eval",
-        "--calib-images", "32", "-o", str(tmp_path), "--binarize-penalty", "10",
-        "--binarize-ramp", "1",
-    ]  # fmt: skip
-    code, out, err = run_cli([*args, "-j", "0", "--experiment", "straight", "--json"], capsys)
-    assert code == 0, err
+    """Ctrl-C (a real SIGINT, raised by the run's own forward) at stage 2's third step,
+    inside the ramp, then --resume: the same weights and packed file as a run never
+    stopped, with the stopped run's saved position and the steps that were left."""
     total = 2 * STEPS
-    assert_fresh_run(tmp_path / "straight", total, json.loads(out))
-    config = json.loads((tmp_path / "straight" / "config.json").read_text())["train"]
-    assert (config["binarize_penalty"], config["binarize_ramp"]) == (10.0, 1.0)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recu_cli", *args, "-j", "1", "--experiment", "broken"],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=same_threads_env(),
-    )  # fmt: skip
-    for line in proc.stderr:
-        if re.search(r"epoch 2 step 3/", line):  # the ramp spans all of epoch 2
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
-    saved = saved_position(tmp_path / "broken")
-    assert saved["epoch"] == 2 and 3 <= saved["step_in_epoch"] < STEPS  # inside the ramp
-    code, out, err = run_cli(["binarize", "--resume", str(tmp_path / "broken"), "--json"], capsys)
-    assert code == 0, err
-    assert_continued(tmp_path / "broken", saved, total, json.loads(out))
-    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "broken")
+
+    def config(name: str) -> TrainConfig:
+        return finetune_config(
+            small_cifar, resnet20_weights, tmp_path, name, epochs=2, binarize_penalty=10.0,
+            binarize_ramp=1.0,
+        )  # fmt: skip
+
+    straight = Trainer(config("straight"), quiet=True)
+    assert_fresh_run(tmp_path / "straight", total, straight.fit())
+    broken = Trainer(config("broken"), quiet=True)
+    forwards = 0
+
+    def ctrl_c_in_stage_two(module, _inputs) -> None:
+        nonlocal forwards
+        forwards += module.training
+        if module.training and forwards == STEPS + 3:
+            signal.raise_signal(signal.SIGINT)
+
+    binary_layers(broken.parts.model)[0][1].register_forward_pre_hook(ctrl_c_in_stage_two)
+    with pytest.raises(TrainingStopped):
+        broken.fit()
+    run = tmp_path / "broken"
+    saved = saved_position(run)
+    assert saved == {"epoch": 2, "step_in_epoch": 3, "global_step": STEPS + 3}  # in the ramp
+    resumed = Trainer(config("broken"), run_dir=run, quiet=True).fit()
+    assert_continued(run, saved, total, resumed)
+    a, b = final_state(tmp_path / "straight"), final_state(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     pa, pb = (load_file(tmp_path / n / "last.safetensors") for n in ("straight", "broken"))
