@@ -130,6 +130,7 @@ def bench_parts(model: torch.nn.Module, cfg, device: torch.device) -> SimpleName
     optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, DistInfo()))
     return SimpleNamespace(
         device=device, model=model, ddp_model=model, teacher=None, features=None,
+        sign_penalty=None,
         amp_dtype=DTYPES[cfg.amp_dtype] if cfg.amp else None, optimizer=optimizer, fast=None,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp_dtype == "fp16"),
     )  # fmt: skip

@@ -238,8 +238,9 @@ def test_fp_layers_int8_is_close_and_calibrated(resnet20_weights) -> None:
     assert stem.x_scale * 255 >= float(images[100:].max() - images[100:].min()) * 0.999
     agree = (out.argmax(1) == exact[:100].argmax(1)).float().mean().item()
     # measured: 96 of these 100 predictions kept (the same with 32 or 50 calibration
-    # images); one image of margin for other CPUs' quantized kernels
-    assert agree >= 0.95, f"int8 float layers changed {100 - 100 * agree:.0f}% of predictions"
+    # images), 94 on an AVX512 Xeon, whose quantized kernels round otherwise; two images of
+    # margin below that (a broken int8 path changes far more: the classes are 10)
+    assert agree >= 0.92, f"int8 float layers changed {100 - 100 * agree:.0f}% of predictions"
     assert not torch.equal(out, exact[:100])  # it really runs in int8
 
 

@@ -201,7 +201,10 @@ def test_version_1_file_still_loads(capsys) -> None:
     with torch.no_grad():
         logits = pack.load(path)(x)
     want = load_file(DATA / "packed-v1-resnet20.logits.safetensors")["logits"]
-    assert torch.equal(logits, want)
+    # the binary layers are exact; the float stem and classifier round by the CPU's kernels
+    # (bit-equal where the fixture was written, 1.2e-6 apart on an AVX512 Xeon)
+    torch.testing.assert_close(logits, want, rtol=0.0, atol=1e-5)
+    assert torch.equal(logits.argmax(1), want.argmax(1))
     code, out, _ = run_cli(["info", str(path), "--json"], capsys)
     assert code == 0 and json.loads(out)
 
@@ -330,7 +333,9 @@ def test_stage_switch_changes_exactly_what_it_says(
     resnet20_weights,
     tmp_path,
 ) -> None:
-    cfg = finetune_config(small_cifar, resnet20_weights, tmp_path, "switch", epochs=2)
+    cfg = finetune_config(
+        small_cifar, resnet20_weights, tmp_path, "switch", epochs=2, switch_moments="reset"
+    )
     trainer = Trainer(cfg, quiet=True)
     assert trainer.state.stage == 1
     assert all(not m.binarize_weights for _, m in binary_layers(trainer.parts.model))
@@ -354,9 +359,8 @@ def test_switch_moments_keep_carries_adams_state_into_stage_two(
     resnet20_weights,
     tmp_path,
 ) -> None:
-    cfg = finetune_config(
-        small_cifar, resnet20_weights, tmp_path, "keep", epochs=2, switch_moments="keep"
-    )
+    cfg = finetune_config(small_cifar, resnet20_weights, tmp_path, "keep", epochs=2)
+    assert cfg.switch_moments == "keep"  # the finetune recipe's, since issue 27
     trainer = Trainer(cfg, quiet=True)
     first = next(trainer.parts.model.parameters())
     trainer.parts.optimizer.state[first]["exp_avg"] = torch.ones(3)

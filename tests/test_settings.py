@@ -159,6 +159,24 @@ def test_config_json_of_0_1_0_gives_the_same_settings(tmp_path, name: str) -> No
     assert TrainConfig.from_dict(saved["train"]).to_dict() == want
 
 
+def test_a_lever_added_later_keeps_what_older_runs_did(tmp_path) -> None:
+    """--switch-moments came after runs that reset Adam's moments at the switch: their
+    config.json (no key) resumes with 'reset'; a config file of the user's own, or a fresh
+    run, takes the recipe's 'keep'."""
+    assert TrainConfig(model="m", data="d").switch_moments == "keep"
+    assert TrainConfig(model="m", data="d", recipe="paper").switch_moments == "reset"
+    saved = fixture_config("finetune", tmp_path / "data", tmp_path / "out")
+    assert "switch_moments" not in saved["train"]
+    assert TrainConfig.from_dict(saved["train"]).switch_moments == "reset"
+    (tmp_path / "data").mkdir()
+    run_file = tmp_path / "config.json"
+    run_file.write_text(json.dumps(saved))
+    assert config_of("--config", str(run_file)).switch_moments == "reset"
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"model": "resnet20", "data": str(tmp_path / "data")}))
+    assert config_of("--config", str(own)).switch_moments == "keep"
+
+
 # ---------------------------------------------------------------- 2. --resume
 
 

@@ -23,6 +23,10 @@ from recu_cli.setting import EXECUTION, LONGER, check_fields, check_mapping, dec
 from recu_cli.training.resumeclock import DEFAULT_INTERVAL, parse_interval
 
 OPTIMIZERS = tuple(PAPER_LR)
+# Levers added after runs were saved without them, and the value those runs trained with:
+# a run's config.json without the key (--resume, --config RUN/config.json) gets it, so the
+# run is reproduced; a fresh run, or a config file of the user's own, takes the recipe's.
+ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset"}
 COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
 DISTILL, RUN = "Distillation", "Run, output and speed"
@@ -92,8 +96,8 @@ class TrainConfig:
         max=1.0,
         panel=SCHEDULE,
     )
-    switch_moments: str = setting(
-        "reset",
+    switch_moments: str | None = setting(
+        None,
         "At the stage switch, Adam's moments (SGD's momentum) start again from zero "
         "('reset', as a new optimizer would) or carry on from stage 1 ('keep').",
         choices=("reset", "keep"),
@@ -395,6 +399,7 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         kept = {k: v for k, v in d.items() if k in names}
         kept.setdefault("recipe", "paper")
+        kept = {**ABSENT_FROM_OLDER_RUNS, **kept}
         if source:
             kept = check_mapping(cls, kept, source)
         return cls(**kept)
@@ -436,7 +441,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RecuError(f"cannot read config file {path} ({first})") from None
     if isinstance(payload, dict) and isinstance(payload.get("train"), dict):
-        payload = payload["train"]
+        payload = {**ABSENT_FROM_OLDER_RUNS, **payload["train"]}  # a run's own config.json
     if not isinstance(payload, dict):
         raise RecuError(f"config file {path} must hold a mapping of setting: value")
     return check_mapping(TrainConfig, payload, f"config file {path}")
