@@ -68,8 +68,7 @@ class EpochLoop:
         current step."""
         cfg, parts, state = self.cfg, self.parts, self.state
         state.stage = stage
-        for _, layer in binary_layers(parts.model):
-            layer.binarize_weights = stage == 2
+        set_weight_mix(parts.model, 1.0 if stage == 2 else 0.0)
         if parts.sign_penalty is not None:
             parts.sign_penalty.set_share(0.0)  # stage 1's alone; set per step there
         if switching:

@@ -113,13 +113,15 @@ def epoch_row(
     seconds, images), which train.log states once."""
     from recu_cli.stats import dead_weight_counts, share_of, to_host
 
+    with torch.no_grad():  # a statistic: no graph for the gap's weight path
+        gap = model_sign_gap(parts.model)
     skipped = all_reduce_sum([float(state.skipped.epoch)], info, parts.device)[0]
     weights = to_host(  # the weight statistics, computed on the device, read in one transfer
         {
             "tau": binary_layers(parts.model)[0][1].tau,
             "dead": dead_weight_counts(parts.model),
             "flips": state.flips.count_tensor(parts.model),
-            "gap": model_sign_gap(parts.model).detach(),
+            "gap": gap,
         }
     )
     return {
