@@ -65,6 +65,11 @@ VARIANTS: dict[str, list[str]] = {
     "b64": [*BEFORE_27, "-b", "64"],
     "lr4e-3": [*BEFORE_27, "--lr", "4e-3"],
     "lr4e-3-keep": [],
+    # on top of the default since issue 27 (lr 4e-3, moments kept)
+    "s2lr0.5": ["--stage2-lr-scale", "0.5"],
+    "s2lr0.25": ["--stage2-lr-scale", "0.25"],
+    "lr8e-3": ["--lr", "8e-3"],
+    "kd-t2": ["--kd-temperature", "2"],
 }
 
 

@@ -48,6 +48,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "binarize_penalty": 0.0,
         "binarize_ramp": 0.0,
         "switch_moments": "keep",  # "reset" before issue 27: half the drop, same end
+        "stage2_lr_scale": 1.0,
         "feature_kd": 3.0,
         "other_lr_scale": 3.0,
         "bn_recalib": 0,
@@ -60,6 +61,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "binarize_penalty": 0.0,
         "binarize_ramp": 0.0,
         "switch_moments": "reset",
+        "stage2_lr_scale": 1.0,  # one stage: no stage 2 of its own
         "feature_kd": 0.0,
         "other_lr_scale": 1.0,
         "bn_recalib": 0,

@@ -66,21 +66,24 @@ def test_a_run_applies_both_schedules_step_by_step(
     resnet20_weights,
     tmp_path,
 ) -> None:
-    """Penalty weight and weight blend as each training step sees them, read inside the
-    forward of a real run; the penalty lowers the gap that binarizing costs."""
+    """Penalty weight, weight blend and learning rates as each training step sees them,
+    read inside the forward of a real run; the penalty lowers the gap that binarizing
+    costs; stage 2's cosine is stage 1's at --stage2-lr-scale of its height."""
     cfg = finetune_config(
         small_cifar, resnet20_weights, tmp_path, "sched", epochs=2, stage1_epochs=1,
-        binarize_penalty=40.0, binarize_ramp=0.5,
+        binarize_penalty=40.0, binarize_ramp=0.5, stage2_lr_scale=0.25,
     )  # fmt: skip
     trainer = Trainer(cfg, quiet=True)
     gap_before = model_sign_gap(trainer.parts.model).item()
     layer = binary_layers(trainer.parts.model)[0][1]
     seen: list[tuple[float, float]] = []
+    lrs: list[list[float]] = []
 
     def record(module, _inputs) -> None:
         if module.training:
             penalty = float(trainer.parts.sign_penalty.scale)
             seen.append((penalty, float(module.weight_mix)))
+            lrs.append([g["lr"] for g in trainer.parts.optimizer.param_groups])
 
     layer.register_forward_pre_hook(record)
     trainer.fit()
@@ -92,6 +95,11 @@ def test_a_run_applies_both_schedules_step_by_step(
     for got, expected in zip(seen, want, strict=True):
         assert got == pytest.approx(expected, rel=1e-6), (got, expected)
     assert all(m._weight_mix == 1.0 for _, m in binary_layers(trainer.parts.model))
+    peaks = [cfg.base_lr, 3 * cfg.base_lr, 3 * cfg.base_lr]  # latent, fp weights, the rest
+    assert lrs[0] == pytest.approx(peaks, rel=1e-12)
+    assert lrs[STEPS] == pytest.approx([0.25 * p for p in peaks], rel=1e-12)
+    for stage1, stage2 in zip(lrs[:STEPS], lrs[STEPS:], strict=True):  # equal lengths
+        assert stage2 == pytest.approx([0.25 * v for v in stage1], rel=1e-12)
     rows = list(csv.DictReader((trainer.run_dir / "summary.csv").open()))
     assert [r["stage"] for r in rows] == ["1", "2"]
     # stage 1's penalty drew the weights toward +-alpha: binarizing them loses less (7
@@ -105,14 +113,15 @@ def test_ctrl_c_inside_the_ramp_after_a_penalized_stage_resumes_to_the_bit(
     tmp_path,
 ) -> None:
     """Ctrl-C (a real SIGINT, raised by the run's own forward) at stage 2's third step,
-    inside the ramp, then --resume: the same weights and packed file as a run never
-    stopped, with the stopped run's saved position and the steps that were left."""
+    inside the ramp and stage 2's lowered cosine, then --resume: the same weights and
+    packed file as a run never stopped, with the stopped run's saved position and the
+    steps that were left."""
     total = 2 * STEPS
 
     def config(name: str) -> TrainConfig:
         return finetune_config(
             small_cifar, resnet20_weights, tmp_path, name, epochs=2, binarize_penalty=10.0,
-            binarize_ramp=1.0,
+            binarize_ramp=1.0, stage2_lr_scale=0.5,
         )  # fmt: skip
 
     straight = Trainer(config("straight"), quiet=True)

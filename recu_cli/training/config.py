@@ -103,6 +103,14 @@ class TrainConfig:
         choices=("reset", "keep"),
         panel=SCHEDULE,
     )
+    stage2_lr_scale: float | None = setting(
+        None,
+        "Stage 2's peak learning rate as a share of stage 1's (every parameter group; its "
+        "cosine restarts from there at the switch); 1 = the same peak. Two stages only.",
+        min=0.0,
+        above=True,
+        panel=SCHEDULE,
+    )
     max_steps: int | None = setting(
         None,
         "Stop after N optimizer steps (with --resume: a larger number trains on).",
@@ -377,6 +385,12 @@ class TrainConfig:
             raise RecuError(
                 f"--min-lr {self.min_lr:g} is above the peak learning rate {self.base_lr:g} "
                 "(--lr): the cosine would climb instead of decaying; give a smaller --min-lr"
+            )
+        if self.stage1_epochs and self.min_lr > self.base_lr * self.stage2_lr_scale:
+            raise RecuError(
+                f"--min-lr {self.min_lr:g} is above stage 2's peak learning rate "
+                f"{self.base_lr * self.stage2_lr_scale:g} (--lr times --stage2-lr-scale): give "
+                "a smaller --min-lr or a larger --stage2-lr-scale"
             )
         stages = [n for n in (self.stage1_epochs, self.epochs - self.stage1_epochs) if n > 0]
         if self.warmup_epochs > min(stages):

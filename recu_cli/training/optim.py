@@ -140,6 +140,22 @@ def stage_of(cfg: TrainConfig, epoch: int) -> int:
     return 1 if epoch < cfg.stage1_epochs else 2
 
 
+def stage_peak_scale(cfg: TrainConfig, stage: int) -> float:
+    """Stage 2 of a two-stage run restarts its cosine at --stage2-lr-scale times the peak."""
+    return cfg.stage2_lr_scale if stage == 2 and cfg.stage1_epochs else 1.0
+
+
+def set_stage_peaks(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: int) -> None:
+    """Each group's peak for this stage, where timm's scheduler reads it (`initial_lr`).
+    `peak_lr` keeps the run's own peak (the group's lr when the optimizer was built) and
+    travels in the optimizer's state_dict; a run saved before it existed had no stage scale,
+    so its `initial_lr` is that peak."""
+    scale = stage_peak_scale(cfg, stage)
+    for group in optimizer.param_groups:
+        peak = group.setdefault("peak_lr", group.get("initial_lr", group["lr"]))
+        group["initial_lr"] = peak * scale
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
@@ -153,6 +169,7 @@ def build_scheduler(
     scheduler is then stepped with the steps taken since."""
     from timm.scheduler import CosineLRScheduler
 
+    set_stage_peaks(optimizer, cfg, stage)
     first, end = stage_bounds(cfg, stage)
     total = (end - first) * steps_per_epoch
     if start_step is None:
