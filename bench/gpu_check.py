@@ -338,6 +338,7 @@ def part_equal(ctx: Context, report: dict) -> bool:
     """Per-step losses of resnet20 finetune (stage 1, switch, stage 2; lr and tau moving)."""
     from recu_cli.binarize.tau import tau_schedule
     from recu_cli.training.optim import restart_moments
+    from recu_cli.training.step_check import check_compiled_step
 
     n, switch = (8, 4) if ctx.dry else (24, 12)
     losses: dict[str, torch.Tensor] = {}
@@ -352,7 +353,8 @@ def part_equal(ctx: Context, report: dict) -> bool:
             if not ctx.dry:  # the batch of the step part is large for 3 x 24 steps
                 x, y = x[:128].clone(), y[:128]
                 cfg.batch_size = 128
-            fast, step = make_step(ctx, cfg, parts, mode, graphs=graphs)
+            lines: list[str] = []  # FastStep's own check at the first batch, fallbacks
+            fast, step = make_step(ctx, cfg, parts, mode, graphs=graphs, log=lines.append)
             layers = [m for _, m in binary_layers(parts.model)]
             for m in layers:
                 m.binarize_weights = False
@@ -365,6 +367,13 @@ def part_equal(ctx: Context, report: dict) -> bool:
                         m.binarize_weights = True
                         m.reset_alpha_from_latent()
                     restart_moments(parts.optimizer, in_place=fast is not None)
+                    if fast is not None and fast.compiled:  # what a run's stage-2 check sees
+                        agreement = check_compiled_step(
+                            parts.model, parts.model, fast.latent, fast.eager_loss,
+                            fast.loss_fn, x, y,
+                        )  # fmt: skip
+                        lines.append(f"stage-2 check ({'ok' if agreement.ok else 'FAILS'}): "
+                                     f"{agreement.describe()}")  # fmt: skip
                 set_tau(parts.model, tau_schedule(i / n, 1, 0.85, 0.99))
                 for g in parts.optimizer.param_groups:
                     g["lr"] = 1e-3 * (0.5 + 0.5 * math.cos(math.pi * i / n))
@@ -377,6 +386,9 @@ def part_equal(ctx: Context, report: dict) -> bool:
             steps = [(m.weight - w).norm() for m, w in zip(layers, at_switch, strict=True)]
             moved[label] = float(torch.stack(steps).norm())
             report.setdefault("equal", {})[f"{label}_path"] = fast.mode if fast else "eager"
+            report["equal"][f"{label}_log"] = lines
+            for line in lines:
+                print(f"  {label}: {line}")
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic
     rel = {

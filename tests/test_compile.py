@@ -297,4 +297,7 @@ def test_binarize_compile_on_trains_on_the_cpu_like_eager(
     log = (tmp_path / "on" / "train.log").read_text()
     assert "training step: compiled, warm-up" in log
     assert "--compile failed" not in log
+    for stage in (1, 2):  # step_check.py: inductor's gradients are eager's at each stage
+        assert f"compiled step checked against the eager step on stage {stage}'s first" in log
+    assert "gradients differ" not in log
     assert json.loads((tmp_path / "on" / "config.json").read_text())["train"]["compile"] == "on"

@@ -85,6 +85,10 @@ def test_dry_run_exercises_the_step_equal_and_profile_parts_on_the_cpu(tmp_path)
     moved = report["equal"]["stage2_weight_movement"]
     assert moved["eager"] > 0 and report["equal"]["trains_like_eager"]
     assert moved["graph"] == pytest.approx(moved["eager"], rel=0.05)
+    for label in ("compiled", "graph"):  # the run's own check, and what stage 2's would say
+        lines = report["equal"][f"{label}_log"]
+        assert any(line.startswith("compiled step checked against the eager") for line in lines)
+        assert any(line.startswith("stage-2 check (ok): latent-weight") for line in lines)
     for mode in ("compiled", "eager"):
         table = (out / f"profile_finetune_resnet20_{mode}.txt").read_text()
         assert "Name" in table and "aten::" in table

@@ -255,10 +255,11 @@ class TrainConfig:
     )
     compile: str = setting(
         "auto",
-        "auto: eager for now (the compiled GPU step is being verified: docs/usage.md); on: "
-        "torch.compile the training step (student, teacher, losses; fused optimizer on "
-        "CUDA, and one CUDA graph per step where possible); off: eager. Falls back to a "
-        "slower path with one line in train.log where one fails. Validation stays eager.",
+        "on: torch.compile the training step (student, teacher, losses; fused optimizer on "
+        "CUDA, and one CUDA graph per step where possible), its gradients checked against "
+        "the eager step's at each stage's first batch; off: eager; auto: on for CUDA, off "
+        "on the CPU. Falls back to a slower path with one line in train.log where one "
+        "fails. Validation stays eager.",
         choices=COMPILE_MODES,
         resume=EXECUTION,
         panel=RUN,

@@ -46,7 +46,9 @@ if TYPE_CHECKING:
     from recu_cli.training.distributed import DistInfo
     from recu_cli.training.parts import Parts
 
-from recu_cli.training.optim import COMPILE_AUTO_ON_CUDA, compile_enabled  # noqa: E402
+from recu_cli.bnn import binary_layers  # noqa: E402
+from recu_cli.training.optim import compile_enabled  # noqa: E402
+from recu_cli.training.step_check import check_compiled_step  # noqa: E402
 
 GRAPH_WARMUP_STEPS = 3  # eager-compiled steps on a side stream before capture (CUDA docs)
 
@@ -74,12 +76,11 @@ def make_fast_step(
     """The run's FastStep, or None when --compile resolves to off here."""
     if not compile_enabled(cfg.compile, parts.device):
         return None
-    if parts.device.type == "cuda" and not COMPILE_AUTO_ON_CUDA:
-        log(
-            "note: the compiled GPU step is not yet verified to train like the eager one "
-            "(docs/usage.md, --compile); compare a run with --compile off"
-        )
     return FastStep(cfg, info, parts, log, graphs=graphs)
+
+
+def compile_failed(e: BaseException) -> str:
+    return f"note: --compile failed ({_first_line(e)}); training continues eagerly"
 
 
 def _first_line(e: BaseException) -> str:
@@ -151,6 +152,9 @@ class FastStep:
                 backend=backend,
             )
         self.ready = False  # the first step of loss_fn has run
+        self.check_due = compile  # compare with the eager step at this stage's first batch
+        self.check_label = "the run's first batch"
+        self.latent = {f"{name}.weight" for name, _ in binary_layers(parts.model)}
         self.runner_factory = runner or CudaGraphRunner
         why_not = "not asked for" if not graphs else None
         if why_not is None and runner is None:
@@ -173,6 +177,10 @@ class FastStep:
         """One optimizer step; the loss as a device tensor, not read on the host."""
         if images.shape[0] != self.batch_size:  # a short batch: eager, no recompile
             return self._eager(images, targets)
+        if self.check_due:
+            self.check_due = False
+            if not self._checked(images, targets):
+                return self._eager(images, targets)
         if self.runner is not None:
             return self._replay(images, targets)
         if self.graph_wanted:
@@ -183,6 +191,50 @@ class FastStep:
         if not self.ready:
             return self._timed(self._run, images, targets)
         return self._run(images, targets)
+
+    def check_next_step(self, label: str) -> None:
+        """Compare the compiled step with the eager one at the next full batch (a stage's
+        first: the stage switch changes the graph's path through the weights)."""
+        self.check_due, self.check_label = self.compiled, label
+
+    def _checked(self, images: torch.Tensor, targets: torch.Tensor) -> bool:
+        """step_check.py: True when the compiled gradients are the eager ones; otherwise
+        (or when compiling fails) eager from here on, with one line. Timed as warm-up (it
+        compiles at the run's first batch), with no images: it trains none."""
+        _sync(self.parts.device)
+        start = time.perf_counter()
+        try:
+            agreement = check_compiled_step(
+                self.parts.model, self.parts.ddp_model, self.latent, self.eager_loss,
+                self.loss_fn, images, targets,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - any compiler failure: continue eagerly
+            self._fall_back(compile_failed(e))
+            return False
+        finally:
+            _sync(self.parts.device)
+            self._add_warmup(time.perf_counter() - start, 0)
+        if agreement.ok:
+            self.log(
+                f"compiled step checked against the eager step on {self.check_label}: "
+                f"{agreement.describe()}"
+            )
+            return True
+        self._fall_back(
+            f"note: the compiled step's gradients differ from the eager step's on "
+            f"{self.check_label} ({agreement.describe()}): a compiler fault; training "
+            "continues eagerly (please report it with this train.log)"
+        )
+        return False
+
+    def _fall_back(self, line: str) -> None:
+        """Eager steps for the rest of the run (the captured graph, if any, is dropped)."""
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        self.compiled = self.graph_wanted = False
+        self.runner = self.static = None
+        self.loss_fn = self.eager_loss
+        self.ready = True
+        self.log(line)
 
     def _eager(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from recu_cli.training.steps import apply_gradients
@@ -201,10 +253,7 @@ class FastStep:
             loss = apply_gradients(self.cfg, self.parts, self.loss_fn(images, targets))
         except Exception as e:  # noqa: BLE001 - any compiler failure: continue eagerly
             self._restore_buffers(saved)
-            self.parts.optimizer.zero_grad(set_to_none=True)
-            self.log(f"note: --compile failed ({_first_line(e)}); training continues eagerly")
-            self.compiled, self.graph_wanted = False, False
-            self.loss_fn = self.eager_loss
+            self._fall_back(compile_failed(e))
             loss = self._eager(images, targets)
         self.ready = True
         return loss
@@ -285,15 +334,17 @@ class FastStep:
         start = time.perf_counter()
         loss = fn(images, targets)
         _sync(self.parts.device)
-        seconds = time.perf_counter() - start
-        self.warmup_seconds += seconds
-        self.warmup_images += images.shape[0]
-        s, n = self._unreported
-        self._unreported = (s + seconds, n + images.shape[0])
+        self._add_warmup(time.perf_counter() - start, images.shape[0])
         if self.warmed_up and not self._announced:
             self._announced = True
             self.log(self.describe())
         return loss
+
+    def _add_warmup(self, seconds: float, images: int) -> None:
+        self.warmup_seconds += seconds
+        self.warmup_images += images
+        s, n = self._unreported
+        self._unreported = (s + seconds, n + images)
 
     @property
     def warmed_up(self) -> bool:

@@ -69,6 +69,8 @@ class EpochLoop:
         cfg, parts, state = self.cfg, self.parts, self.state
         state.stage = stage
         set_weight_mix(parts.model, 1.0 if stage == 2 else 0.0)
+        if parts.fast is not None:  # the graph's path through the weights changed
+            parts.fast.check_next_step(f"stage {stage}'s first batch")
         if parts.sign_penalty is not None:
             parts.sign_penalty.set_share(0.0)  # stage 1's alone; set per step there
         if switching:

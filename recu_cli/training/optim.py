@@ -98,19 +98,18 @@ def restart_moments(optimizer: torch.optim.Optimizer, in_place: bool) -> None:
                 value.zero_()
 
 
-# --compile auto turns the compiled step on for CUDA once a GPU run has shown it trains
-# like the eager step. The first H200 run (torch 2.11) did not: its latent weights froze in
-# stage 2 (39 % val against 68 % eager; docs/performance.md). The suspected cause is fixed
-# (layers.py, mixed_weight) but not yet measured on a GPU: until bench/gpu_check.py's
-# `equal` part passes there, auto means eager, and --compile on is the user's choice.
-COMPILE_AUTO_ON_CUDA = False
+# --compile auto compiles on CUDA. The first H200 run's compiled step (torch 2.11) did not
+# train: its latent weights froze in stage 2 (39 % val against 68 % eager; performance.md).
+# The suspected cause is rewritten (layers.py, mixed_weight) but not yet measured on a GPU,
+# so every compiled run checks its gradients against the eager step's at each stage's first
+# batch and goes on eagerly where they differ (step_check.py): a fault costs speed, not the
+# run. bench/gpu_check.py's `equal` part measures it over many steps.
 
 
 def compile_enabled(mode: str, device: torch.device) -> bool:
-    """--compile on, or auto where it is known to pay and to train alike (see above; off on
-    the CPU, where inductor's C++ compile costs minutes and its step measures no faster
-    than the hand-tuned eager one: performance.md)."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda" and COMPILE_AUTO_ON_CUDA)
+    """--compile on, or auto on CUDA (off on the CPU, where inductor's C++ compile costs
+    minutes and its step measures no faster than the hand-tuned eager one: performance.md)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def optimizer_options(cfg: TrainConfig, device: torch.device, info: DistInfo) -> dict:
