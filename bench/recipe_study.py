@@ -68,6 +68,7 @@ VARIANTS: dict[str, list[str]] = {
     # on top of the default since issue 27 (lr 4e-3, moments kept)
     "s2lr0.5": ["--stage2-lr-scale", "0.5"],
     "s2lr0.25": ["--stage2-lr-scale", "0.25"],
+    "s2lr2": ["--stage2-lr-scale", "2"],
     "lr8e-3": ["--lr", "8e-3"],
     "kd-t2": ["--kd-temperature", "2"],
 }
