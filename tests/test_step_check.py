@@ -47,6 +47,16 @@ def test_compare_bounds_each_latent_weights_gradient_norm() -> None:
     assert only_bn.lowest == pytest.approx((1.5, "all parameters")) and only_bn.ok
 
 
+def test_compile_auto_is_on_for_one_cuda_process_only() -> None:
+    from recu_cli.training.optim import compile_enabled
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_enabled("auto", cuda) and not compile_enabled("auto", cpu)
+    assert not compile_enabled("auto", cuda, distributed=True)  # torchrun: eager
+    assert compile_enabled("on", cpu) and compile_enabled("on", cuda, distributed=True)
+    assert not compile_enabled("off", cuda)
+
+
 def frozen_in_stage_two(model: torch.nn.Module):
     """A torch.compile backend that runs the traced graph as it is, except once the weights
     are binary: then no gradient reaches the latent weights (those inputs detached)."""

@@ -257,9 +257,9 @@ class TrainConfig:
         "auto",
         "on: torch.compile the training step (student, teacher, losses; fused optimizer on "
         "CUDA, and one CUDA graph per step where possible), its gradients checked against "
-        "the eager step's at each stage's first batch; off: eager; auto: on for CUDA, off "
-        "on the CPU. Falls back to a slower path with one line in train.log where one "
-        "fails. Validation stays eager.",
+        "the eager step's at each stage's first batch; off: eager; auto: on for CUDA in one "
+        "process, off on the CPU and under torchrun. Falls back to a slower path with one "
+        "line in train.log where one fails. Validation stays eager.",
         choices=COMPILE_MODES,
         resume=EXECUTION,
         panel=RUN,

@@ -74,7 +74,7 @@ def make_fast_step(
     cfg: TrainConfig, info: DistInfo, parts: Parts, log: Log, graphs: bool = True
 ) -> FastStep | None:
     """The run's FastStep, or None when --compile resolves to off here."""
-    if not compile_enabled(cfg.compile, parts.device):
+    if not compile_enabled(cfg.compile, parts.device, info.enabled):
         return None
     return FastStep(cfg, info, parts, log, graphs=graphs)
 

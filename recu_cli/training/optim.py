@@ -106,17 +106,22 @@ def restart_moments(optimizer: torch.optim.Optimizer, in_place: bool) -> None:
 # run. bench/gpu_check.py's `equal` part measures it over many steps.
 
 
-def compile_enabled(mode: str, device: torch.device) -> bool:
-    """--compile on, or auto on CUDA (off on the CPU, where inductor's C++ compile costs
-    minutes and its step measures no faster than the hand-tuned eager one: performance.md)."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+def compile_enabled(mode: str, device: torch.device, distributed: bool = False) -> bool:
+    """--compile on, or auto on CUDA for one process. Off on the CPU, where inductor's C++
+    compile costs minutes and its step measures no faster than the hand-tuned eager one
+    (performance.md); off under torchrun, whose compiled step (graphs split at DDP's
+    buckets) has not run on a GPU, and whose stage-2 gradients on the CPU came out up to
+    1.7x eager's in one layer against 1.00x in one process (docs/usage.md, --compile)."""
+    if mode == "auto":
+        return device.type == "cuda" and not distributed
+    return mode == "on"
 
 
 def optimizer_options(cfg: TrainConfig, device: torch.device, info: DistInfo) -> dict:
     """Optimizer flags for a compiled run on CUDA: fused kernels, and, where the step can
     be one CUDA graph, capturable Adam/AdamW (step counters on the device, no host read).
     Same maths; none of it on the CPU, whose eager training stays bit for bit what it was."""
-    if device.type != "cuda" or not compile_enabled(cfg.compile, device):
+    if device.type != "cuda" or not compile_enabled(cfg.compile, device, info.enabled):
         return {}
     if cfg.opt == "sgd":
         return {"fused": True}
