@@ -110,8 +110,7 @@ def compile_enabled(mode: str, device: torch.device, distributed: bool = False) 
     """--compile on, or auto on CUDA for one process. Off on the CPU, where inductor's C++
     compile costs minutes and its step measures no faster than the hand-tuned eager one
     (performance.md); off under torchrun, whose compiled step (graphs split at DDP's
-    buckets) has not run on a GPU, and whose stage-2 gradients on the CPU came out up to
-    1.7x eager's in one layer against 1.00x in one process (docs/usage.md, --compile)."""
+    buckets) has not run on a GPU yet (docs/usage.md, --compile)."""
     if mode == "auto":
         return device.type == "cuda" and not distributed
     return mode == "on"
