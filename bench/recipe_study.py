@@ -70,6 +70,7 @@ VARIANTS: dict[str, list[str]] = {
     "s2lr0.25": ["--stage2-lr-scale", "0.25"],
     "s2lr2": ["--stage2-lr-scale", "2"],
     "lr8e-3": ["--lr", "8e-3"],
+    "lr16e-3": ["--lr", "1.6e-2"],
     "kd-t2": ["--kd-temperature", "2"],
 }
 
