@@ -71,6 +71,7 @@ VARIANTS: dict[str, list[str]] = {
     "s2lr2": ["--stage2-lr-scale", "2"],
     "lr8e-3": ["--lr", "8e-3"],
     "lr16e-3": ["--lr", "1.6e-2"],
+    "lr8e-3-s2lr0.5": ["--lr", "8e-3", "--stage2-lr-scale", "0.5"],
     "kd-t2": ["--kd-temperature", "2"],
 }
 
