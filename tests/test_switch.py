@@ -172,3 +172,35 @@ def test_a_ramp_cut_by_max_steps_validates_binary_weights(
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     assert json.loads(out)["top1"] == pytest.approx(float(rows[-1]["val_top1"]), abs=1e-3)
+
+
+def test_stage_peaks_of_a_run_saved_before_the_stage_scale() -> None:
+    """An older run's optimizer state has each group's `initial_lr` (timm's record of the
+    peak) and no `peak_lr`: its peak is that, whatever lr the group stands at now."""
+    from recu_cli.training.optim import set_stage_peaks
+
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.Adam([{"params": [params[0]], "lr": 1e-5}, {"params": [params[1]]}])
+    opt.param_groups[0]["initial_lr"] = 4e-3  # mid-cosine: lr 1e-5, peak 4e-3
+    opt.param_groups[1]["lr"] = 1.2e-2  # never scheduled: its lr is its peak
+    cfg = TrainConfig(model="m", data="d", epochs=6, stage2_lr_scale=0.25)
+    set_stage_peaks(opt, cfg, stage=2)
+    assert [g["peak_lr"] for g in opt.param_groups] == [4e-3, 1.2e-2]
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([1e-3, 3e-3])
+    set_stage_peaks(opt, cfg, stage=1)  # stage 1 (and one-stage runs): the peak itself
+    assert [g["initial_lr"] for g in opt.param_groups] == [4e-3, 1.2e-2]
+    one_stage = TrainConfig(model="m", data="d", stage1_epochs=0, stage2_lr_scale=0.25)
+    set_stage_peaks(opt, one_stage, stage=2)
+    assert [g["initial_lr"] for g in opt.param_groups] == [4e-3, 1.2e-2]
+
+
+def test_min_lr_above_stage_twos_peak_is_refused() -> None:
+    from recu_cli.errors import RecuError
+
+    cfg = TrainConfig(model="m", data="d", lr=4e-3, min_lr=1e-3, stage2_lr_scale=0.2)
+    with pytest.raises(RecuError, match=r"stage 2's peak learning rate 0.0008 .*--stage2-lr"):
+        cfg.validate()
+    TrainConfig(model="m", data="d", lr=4e-3, min_lr=1e-3, stage2_lr_scale=0.25).validate()
+    one_stage = TrainConfig(model="m", data="d", lr=4e-3, min_lr=1e-3, stage1_epochs=0)
+    one_stage.stage2_lr_scale = 0.2
+    one_stage.validate()  # no stage 2 of its own: the scale does nothing
