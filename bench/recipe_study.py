@@ -33,6 +33,7 @@ R56 = [
 BASE = ["--recipe", "paper"]
 # the finetune default before issue 27 (add it as extra flags to rerun older rows)
 BEFORE_27 = ["--lr", "2e-3", "--switch-moments", "reset"]
+LR4 = ["--lr", "4e-3"]  # the default of the first issue-27 round
 THR = [*BASE, "--act", "prelu", "--act-threshold", "median", "--lr", "2e-3"]
 STAGES = [*THR, "--stage1-epochs", "3"]
 FKD = [*STAGES, "--feature-kd", "3"]
@@ -64,15 +65,15 @@ VARIANTS: dict[str, list[str]] = {
     "keep-moments": [*BEFORE_27, "--switch-moments", "keep"],
     "b64": [*BEFORE_27, "-b", "64"],
     "lr4e-3": [*BEFORE_27, "--lr", "4e-3"],
-    "lr4e-3-keep": [],
-    # on top of the default since issue 27 (lr 4e-3, moments kept)
-    "s2lr0.5": ["--stage2-lr-scale", "0.5"],
-    "s2lr0.25": ["--stage2-lr-scale", "0.25"],
-    "s2lr2": ["--stage2-lr-scale", "2"],
+    "lr4e-3-keep": LR4,
+    # on top of that default (lr 4e-3, moments kept); "lr8e-3" is the default since
+    "s2lr0.5": [*LR4, "--stage2-lr-scale", "0.5"],
+    "s2lr0.25": [*LR4, "--stage2-lr-scale", "0.25"],
+    "s2lr2": [*LR4, "--stage2-lr-scale", "2"],
     "lr8e-3": ["--lr", "8e-3"],
     "lr16e-3": ["--lr", "1.6e-2"],
     "lr8e-3-s2lr0.5": ["--lr", "8e-3", "--stage2-lr-scale", "0.5"],
-    "kd-t2": ["--kd-temperature", "2"],
+    "kd-t2": [*LR4, "--kd-temperature", "2"],
 }
 
 

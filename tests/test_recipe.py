@@ -455,7 +455,7 @@ def test_a_larger_max_steps_on_resume_starts_stage_two_where_the_run_stands(
     assert [r["stage"] for r in csv.DictReader((run / "summary.csv").open())] == ["1", "2"]
     log = (run / "train.log").read_text()
     lrs = [float(x) for x in re.findall(r"epoch 2 step \d+/\d+ loss \S+ lr (\S+)", log)]
-    peak = 4e-3  # the finetune recipe's lr
+    peak = 8e-3  # the finetune recipe's lr
     # 6 steps of stage 2: lr(t) = peak (1 + cos(pi t / 6)) / 2 after step t = 1..6
     want = [peak * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(1, 7)]
     assert lrs == pytest.approx(want, rel=5e-3, abs=1e-9), lrs
