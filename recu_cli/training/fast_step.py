@@ -19,6 +19,10 @@ line in train.log when it fails, so a run never stops for them:
    and with SGD (its tensor learning rate is read on the host).
 3. Without either: the eager step (steps.py).
 
+The compiled step is checked against the eager one at the first batch of each stage (and of
+a resumed run): step_check.py compares the gradients of that batch; where they differ, or
+compiling fails, the run continues eagerly with one line in train.log.
+
 A batch of another shape (unreadable images dropped from it) runs the eager step, so the
 compiled step never recompiles for it. Validation, calibration and BatchNorm re-estimation
 run the plain model eagerly (eval mode, any batch size). The model object stays the plain

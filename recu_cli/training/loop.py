@@ -70,7 +70,10 @@ class EpochLoop:
         state.stage = stage
         set_weight_mix(parts.model, 1.0 if stage == 2 else 0.0)
         if parts.fast is not None:  # the graph's path through the weights changed
-            parts.fast.check_next_step(f"stage {stage}'s first batch")
+            stage_start = stage_bounds(cfg, stage)[0] * parts.steps_per_epoch
+            resumed = not switching and state.pos.global_step != stage_start
+            where = "first batch after --resume" if resumed else "first batch"
+            parts.fast.check_next_step(f"stage {stage}'s {where}")
         if parts.sign_penalty is not None:
             parts.sign_penalty.set_share(0.0)  # stage 1's alone; set per step there
         if switching:
