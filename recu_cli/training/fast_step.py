@@ -52,7 +52,12 @@ if TYPE_CHECKING:
 
 from recu_cli.bnn import binary_layers  # noqa: E402
 from recu_cli.training.optim import compile_enabled  # noqa: E402
-from recu_cli.training.step_check import check_compiled_step  # noqa: E402
+from recu_cli.training.step_check import (  # noqa: E402
+    Agreement,
+    check_compiled_step,
+    restore_buffers,
+    saved_buffers,
+)
 
 GRAPH_WARMUP_STEPS = 3  # eager-compiled steps on a side stream before capture (CUDA docs)
 
@@ -208,10 +213,7 @@ class FastStep:
         _sync(self.parts.device)
         start = time.perf_counter()
         try:
-            agreement = check_compiled_step(
-                self.parts.model, self.parts.ddp_model, self.latent, self.eager_loss,
-                self.loss_fn, images, targets,
-            )  # fmt: skip
+            agreement = self.compare_with_eager(images, targets)
         except Exception as e:  # noqa: BLE001 - any compiler failure: continue eagerly
             self._fall_back(compile_failed(e))
             return False
@@ -230,6 +232,14 @@ class FastStep:
             "continues eagerly (please report it with this train.log)"
         )
         return False
+
+    def compare_with_eager(self, images: torch.Tensor, targets: torch.Tensor) -> Agreement:
+        """This batch's gradients, compiled step against eager (step_check.py); changes
+        nothing (bench/gpu_check.py asks it without falling back)."""
+        return check_compiled_step(
+            self.parts.model, self.parts.ddp_model, self.latent, self.eager_loss,
+            self.loss_fn, images, targets,
+        )  # fmt: skip
 
     def _fall_back(self, line: str) -> None:
         """Eager steps for the rest of the run (the captured graph, if any, is dropped)."""
@@ -252,25 +262,17 @@ class FastStep:
         if self.ready or not self.compiled:
             self.ready = True
             return apply_gradients(self.cfg, self.parts, self.loss_fn(images, targets))
-        saved = self._buffers()
+        # a failed first compiled step may have run its forward (and updated BatchNorm's
+        # statistics) before its backward failed to compile
+        saved = saved_buffers(self.parts.model)
         try:
             loss = apply_gradients(self.cfg, self.parts, self.loss_fn(images, targets))
         except Exception as e:  # noqa: BLE001 - any compiler failure: continue eagerly
-            self._restore_buffers(saved)
+            restore_buffers(self.parts.model, saved)
             self._fall_back(compile_failed(e))
             loss = self._eager(images, targets)
         self.ready = True
         return loss
-
-    def _buffers(self) -> list[torch.Tensor]:
-        """BatchNorm statistics and the like: a failed first compiled step may have run its
-        forward (and updated them) before its backward failed to compile."""
-        return [b.detach().clone() for b in self.parts.model.buffers()]
-
-    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for b, v in zip(self.parts.model.buffers(), saved, strict=True):
-                b.copy_(v)
 
     def _side_stream_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """A warm-up step before capture, on a side stream as CUDA graphs require."""

@@ -89,16 +89,25 @@ def gradients(loss_fn: Loss, params: list[nn.Parameter], images, targets) -> lis
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
+def saved_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of BatchNorm's running statistics (and any buffer a forward updates)."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for b, value in zip(model.buffers(), saved, strict=True):
+            b.copy_(value)
+
+
 @contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """BatchNorm's running statistics (and any buffer a forward updates) as they were."""
-    saved = [b.detach().clone() for b in model.buffers()]
+    """The model's buffers as they were before the block, whatever it ran."""
+    saved = saved_buffers(model)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, value in zip(model.buffers(), saved, strict=True):
-                b.copy_(value)
+        restore_buffers(model, saved)
 
 
 def check_compiled_step(
