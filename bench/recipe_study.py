@@ -75,6 +75,7 @@ VARIANTS: dict[str, list[str]] = {
     "lr8e-3-s2lr0.5": ["--lr", "8e-3", "--stage2-lr-scale", "0.5"],
     # the third round (on today's default, lr 8e-3)
     "kd-t2": ["--kd-temperature", "2"],
+    "kd-t4": ["--kd-temperature", "4"],
     "tau0.95": ["--tau-min", "0.95"],
     "no-std": ["--no-standardize"],
 }
