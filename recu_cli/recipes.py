@@ -1,18 +1,19 @@
 """Training recipes by name: a recipe gives the value of each recipe lever the user did not.
 
 A lever is a setting whose declared default is None, "the recipe's value" (TrainConfig's
-lr, stage1_epochs, feature_kd, other_lr_scale, bn_recalib; the conversion's activation and
-act_threshold). Every recipe sets every lever (tests check it), so a run never falls back
-to a value nobody chose. Where a value comes from, lowest first: the declared default
-(recu_cli/setting.py), the recipe, a --config file, the flags given.
+lr, stage1_epochs, kd_temperature, feature_kd, other_lr_scale, bn_recalib, ...; the
+conversion's activation and act_threshold). Every recipe sets every lever (tests check
+it), so a run never falls back to a value nobody chose. Where a value comes from, lowest
+first: the declared default (recu_cli/setting.py), the recipe, a --config file, the flags
+given.
 
 `paper` is the authors' single-stage recipe exactly. `finetune` (the default, for
 `recu binarize` and for a TrainConfig built in Python alike) is what measured best for a
 short fine-tune of a pretrained network (docs/results.md has the runs): learnable
 thresholds calibrated to the channel medians, PReLU, two stages (binary activations on
 real weights first, then ReCU's binary weights, Adam's moments carried across the switch),
-attention-map distillation from the
-original network, and a larger learning rate for everything that is not a latent binary
+distillation from the original network (soft labels at temperature 2, attention maps),
+and a larger learning rate for everything that is not a latent binary
 weight.
 """
 
@@ -49,6 +50,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "binarize_ramp": 0.0,
         "switch_moments": "keep",  # "reset" before issue 27: half the drop, same end
         "stage2_lr_scale": 1.0,
+        "kd_temperature": 2.0,  # issue 27, third round: 1 -> 2 (soft labels of a teacher
+        # that saw these images are nearly one-hot at T = 1)
         "feature_kd": 3.0,
         "other_lr_scale": 3.0,
         "bn_recalib": 0,
@@ -62,6 +65,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "binarize_ramp": 0.0,
         "switch_moments": "reset",
         "stage2_lr_scale": 1.0,  # one stage: no stage 2 of its own
+        "kd_temperature": 1.0,
         "feature_kd": 0.0,
         "other_lr_scale": 1.0,
         "bn_recalib": 0,
@@ -76,8 +80,8 @@ RECIPE_HELP = (
     "Recipes (flags you give override them): 'finetune' (default), for a short fine-tune "
     "of a pretrained model: median-calibrated learnable thresholds, PReLU, two stages (real "
     "weights behind binary activations for half the epochs, then ReCU's binary weights, "
-    "Adam's moments kept across), "
-    "attention distillation from the original. 'paper': the authors' single-stage recipe "
+    "Adam's moments kept across), distillation from the original (soft labels at "
+    "temperature 2, attention maps). 'paper': the authors' single-stage recipe "
     "exactly (ReCU from step 0, hardtanh, sign(x), logit distillation only)."
 )
 

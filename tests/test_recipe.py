@@ -143,6 +143,37 @@ def test_attention_loss_and_matched_points() -> None:
     assert feature_points(student, r56) == ["layer1", "layer2", "layer3"]
 
 
+def test_logit_distillation_by_hand_and_the_recipes_temperature() -> None:
+    """Soft labels at temperature T, scaled by T^2 (distill.py), as the training loss uses
+    them: teacher logits [2 ln 2, 0] and student logits [0, 2 ln 3]. At T = 2 the teacher's
+    softmax is [2/3, 1/3] and the student's log-softmax ln[1/4, 3/4]; at T = 1, [4/5, 1/5]
+    against ln[1/10, 9/10]."""
+    from types import SimpleNamespace
+
+    from recu_cli.training.distill import distillation_loss
+    from recu_cli.training.steps import forward_loss
+
+    teacher = torch.tensor([[2 * math.log(2), 0.0]])
+    student = torch.tensor([[0.0, 2 * math.log(3)]])
+    t2 = -(2 / 3 * math.log(1 / 4) + 1 / 3 * math.log(3 / 4)) * 4
+    t1 = -(0.8 * math.log(0.1) + 0.2 * math.log(0.9))
+    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(t2, rel=1e-6)
+    assert distillation_loss(student, teacher, 1.0).item() == pytest.approx(t1, rel=1e-6)
+    # the run's loss reads the run's temperature: the finetune recipe's 2, the paper's 1
+    finetune = TrainConfig(model="m", data="d")
+    paper = TrainConfig(model="m", data="d", recipe="paper")
+    assert (finetune.kd_temperature, paper.kd_temperature) == (2.0, 1.0)
+    assert TrainConfig(model="m", data="d", kd_temperature=4.0).kd_temperature == 4.0
+    fixed = SimpleNamespace(
+        ddp_model=lambda x: student, teacher=lambda x: teacher, features=None,
+        amp_dtype=None, device=torch.device("cpu"), sign_penalty=None,
+    )  # fmt: skip
+    labels = torch.tensor([1])
+    for cfg, expected in ((finetune, t2), (paper, t1)):
+        loss = forward_loss(cfg, fixed, torch.zeros(1, 3, 2, 2), labels)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 def thresholded_resnet20(weights: Path, images: torch.Tensor) -> nn.Module:
     model, _ = create_model("resnet20", weights=weights)
     model, _ = convert_model(model, ConvertConfig(activation="prelu", act_threshold="median"))

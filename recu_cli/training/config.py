@@ -199,8 +199,8 @@ class TrainConfig:
         max=1.0,
         panel=DISTILL,
     )
-    kd_temperature: float = setting(
-        1.0,
+    kd_temperature: float | None = setting(
+        None,
         "Softmax temperature of the logit distillation (loss scaled by T^2).",
         min=0.0,
         above=True,
