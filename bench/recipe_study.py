@@ -76,6 +76,10 @@ VARIANTS: dict[str, list[str]] = {
     # the third round (on today's default, lr 8e-3)
     "kd-t2": ["--kd-temperature", "2"],
     "kd-t4": ["--kd-temperature", "4"],
+    # the fourth round, on kd-t2 (written out, so that each row reproduces either side of
+    # the change of default)
+    "kd-t2-fkd10": ["--kd-temperature", "2", "--feature-kd", "10"],
+    "kd-t2-olr1.5": ["--kd-temperature", "2", "--other-lr-scale", "1.5"],
     "tau0.95": ["--tau-min", "0.95"],
     "no-std": ["--no-standardize"],
 }
