@@ -11,8 +11,8 @@ is all 45,000); validation: the full val/ split. Prints a markdown table; JSON i
     python bench/recipe_study.py --per-class 4500 --only finetune plain --seeds 42 43
 
 The rows of docs/results.md measured before issue 27 ran with the finetune default of the
-time: add `-- --lr 2e-3 --switch-moments reset` to rerun them (the issue-27 candidates
-carry it already).
+time: add `-- --lr 2e-3 --switch-moments reset --kd-temperature 1` to rerun them (the
+issue-27 candidates carry the default they were measured on already).
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ R56 = [
     str(SHARED / "weights" / "resnet56-4bfd9763.th"),
 ]
 BASE = ["--recipe", "paper"]
-# the finetune default before issue 27 (add it as extra flags to rerun older rows)
-BEFORE_27 = ["--lr", "2e-3", "--switch-moments", "reset"]
-LR4 = ["--lr", "4e-3"]  # the default of the first issue-27 round
+# the distillation temperature before issue 27's third round made it 2 (add it as an
+# extra flag, with BEFORE_27's, to rerun rows of before)
+T1 = ["--kd-temperature", "1"]
+# the finetune default before issue 27
+BEFORE_27 = ["--lr", "2e-3", "--switch-moments", "reset", *T1]
+LR4 = ["--lr", "4e-3", *T1]  # the default of the first issue-27 round
+LR8 = ["--lr", "8e-3", *T1]  # the default of the second round
 THR = [*BASE, "--act", "prelu", "--act-threshold", "median", "--lr", "2e-3"]
 STAGES = [*THR, "--stage1-epochs", "3"]
 FKD = [*STAGES, "--feature-kd", "3"]
@@ -45,13 +49,14 @@ VARIANTS: dict[str, list[str]] = {
     "+teacher-r56": [*FKD, *R56],
     "+param-groups": [*FKD, "--other-lr-scale", "3"],
     "+bn-recalib": [*FKD, "--bn-recalib", "50"],
+    # today's default, and today's default with one thing changed
     "finetune": [],
     "plain": ["--plain-sign"],
     "split2": ["--stage1-epochs", "2"],
     "split4": ["--stage1-epochs", "4"],
     "zero-thr": ["--act-threshold", "zero"],
     # the stage switch (issue 27): candidates on top of the finetune default of before it
-    # (BEFORE_27); "lr4e-3-keep" is the default since
+    # (BEFORE_27); "lr4e-3-keep" became the default
     "lr2e-3": BEFORE_27,
     "penalty3": [*BEFORE_27, "--binarize-penalty", "3"],
     "penalty10": [*BEFORE_27, "--binarize-penalty", "10"],
@@ -66,22 +71,23 @@ VARIANTS: dict[str, list[str]] = {
     "b64": [*BEFORE_27, "-b", "64"],
     "lr4e-3": [*BEFORE_27, "--lr", "4e-3"],
     "lr4e-3-keep": LR4,
-    # on top of that default (lr 4e-3, moments kept); "lr8e-3" is the default since
+    # the second round, on top of that (lr 4e-3, moments kept); "lr8e-3" became the default
     "s2lr0.5": [*LR4, "--stage2-lr-scale", "0.5"],
     "s2lr0.25": [*LR4, "--stage2-lr-scale", "0.25"],
     "s2lr2": [*LR4, "--stage2-lr-scale", "2"],
-    "lr8e-3": ["--lr", "8e-3"],
-    "lr16e-3": ["--lr", "1.6e-2"],
-    "lr8e-3-s2lr0.5": ["--lr", "8e-3", "--stage2-lr-scale", "0.5"],
-    # the third round (on today's default, lr 8e-3)
-    "kd-t2": ["--kd-temperature", "2"],
-    "kd-t4": ["--kd-temperature", "4"],
-    # the fourth round, on kd-t2 (written out, so that each row reproduces either side of
-    # the change of default)
-    "kd-t2-fkd10": ["--kd-temperature", "2", "--feature-kd", "10"],
-    "kd-t2-olr1.5": ["--kd-temperature", "2", "--other-lr-scale", "1.5"],
-    "tau0.95": ["--tau-min", "0.95"],
-    "no-std": ["--no-standardize"],
+    "split4-lr4e-3": [*LR4, "--stage1-epochs", "4"],
+    "lr8e-3": LR8,
+    "lr16e-3": ["--lr", "1.6e-2", *T1],
+    "lr8e-3-s2lr0.5": [*LR8, "--stage2-lr-scale", "0.5"],
+    # the third round, on top of that (lr 8e-3); "kd-t2" became the default
+    "kd-t2": ["--lr", "8e-3", "--kd-temperature", "2"],
+    "kd-t4": ["--lr", "8e-3", "--kd-temperature", "4"],
+    "lr8e-3-tau0.95": [*LR8, "--tau-min", "0.95"],
+    "lr8e-3-no-std": [*LR8, "--no-standardize"],
+    "lr8e-3-plain": [*LR8, "--plain-sign"],
+    # the fourth round, on top of kd-t2
+    "kd-t2-fkd10": ["--lr", "8e-3", "--kd-temperature", "2", "--feature-kd", "10"],
+    "kd-t2-olr1.5": ["--lr", "8e-3", "--kd-temperature", "2", "--other-lr-scale", "1.5"],
 }
 
 
