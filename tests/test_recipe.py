@@ -454,8 +454,8 @@ def test_main_job_binarizes_the_shipped_pretrained_demo_model(capsys, tmp_path) 
 
     assert DEMO_WEIGHTS.is_file() and DEMO_WEIGHTS.stat().st_size < 1_100_000
     code, out, err = run_cli(
-        ["binarize", "resnet20", "--data", "demo", "--epochs", "2", "--max-steps", "36",
-         "-j", "0", "-o", str(tmp_path), "--experiment", "demo", "--json"],
+        ["binarize", "resnet20", "--data", "demo", "--epochs", "2", "-j", "0",
+         "-o", str(tmp_path), "--experiment", "demo", "--json"],
         capsys,
     )  # fmt: skip
     assert code == 0, err
@@ -466,8 +466,10 @@ def test_main_job_binarizes_the_shipped_pretrained_demo_model(capsys, tmp_path) 
     assert step0["before"]["top1"] < 30 and step0["after"]["one_sided_share"] == 0.0
     rows = list(csv.DictReader((tmp_path / "demo" / "summary.csv").open()))
     assert [r["stage"] for r in rows] == ["1", "2"]
-    # 31 steps of stage 1 and 5 of stage 2: training has begun to recover the network
-    assert result["final"]["val_top1"] > step0["before"]["top1"] + 3
+    # one epoch (31 steps) per stage recovers most of the network (71 % here, 70 % at
+    # --kd-temperature 1). Not fewer stage-2 steps: a stage 2 cut to 5 steps by --max-steps
+    # is measured mid-restart (12-33 % depending on the thread count)
+    assert result["final"]["val_top1"] > step0["before"]["top1"] + 30
 
 
 def test_a_larger_max_steps_on_resume_starts_stage_two_where_the_run_stands(
