@@ -68,10 +68,10 @@ class EpochLoop:
         current step."""
         cfg, parts, state = self.cfg, self.parts, self.state
         state.stage = stage
+        planned_start = stage_bounds(cfg, stage)[0] * parts.steps_per_epoch
         set_weight_mix(parts.model, 1.0 if stage == 2 else 0.0)
         if parts.fast is not None:  # the graph's path through the weights changed
-            stage_start = stage_bounds(cfg, stage)[0] * parts.steps_per_epoch
-            resumed = not switching and state.pos.global_step != stage_start
+            resumed = not switching and state.pos.global_step != planned_start
             where = "first batch after --resume" if resumed else "first batch"
             parts.fast.check_next_step(f"stage {stage}'s {where}")
         if parts.sign_penalty is not None:
@@ -82,8 +82,7 @@ class EpochLoop:
             if cfg.switch_moments == "reset":
                 restart_moments(parts.optimizer, in_place=parts.fast is not None)
             self.run.log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
-        first, _ = stage_bounds(cfg, stage)
-        start = first * parts.steps_per_epoch
+        start = planned_start
         if switching:  # here and now: after an epoch cut by --max-steps, before `start`
             start = state.pos.global_step
         elif state.stage_start is not None and state.stage_start[0] == stage:
