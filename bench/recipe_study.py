@@ -38,6 +38,7 @@ T1 = ["--kd-temperature", "1"]
 BEFORE_27 = ["--lr", "2e-3", "--switch-moments", "reset", *T1]
 LR4 = ["--lr", "4e-3", *T1]  # the default of the first issue-27 round
 LR8 = ["--lr", "8e-3", *T1]  # the default of the second round
+KD2 = ["--lr", "8e-3", "--kd-temperature", "2"]  # the default of the third round
 THR = [*BASE, "--act", "prelu", "--act-threshold", "median", "--lr", "2e-3"]
 STAGES = [*THR, "--stage1-epochs", "3"]
 FKD = [*STAGES, "--feature-kd", "3"]
@@ -80,14 +81,14 @@ VARIANTS: dict[str, list[str]] = {
     "lr16e-3": ["--lr", "1.6e-2", *T1],
     "lr8e-3-s2lr0.5": [*LR8, "--stage2-lr-scale", "0.5"],
     # the third round, on top of that (lr 8e-3); "kd-t2" became the default
-    "kd-t2": ["--lr", "8e-3", "--kd-temperature", "2"],
+    "kd-t2": KD2,
     "kd-t4": ["--lr", "8e-3", "--kd-temperature", "4"],
     "lr8e-3-tau0.95": [*LR8, "--tau-min", "0.95"],
     "lr8e-3-no-std": [*LR8, "--no-standardize"],
     "lr8e-3-plain": [*LR8, "--plain-sign"],
     # the fourth round, on top of kd-t2
-    "kd-t2-fkd10": ["--lr", "8e-3", "--kd-temperature", "2", "--feature-kd", "10"],
-    "kd-t2-olr1.5": ["--lr", "8e-3", "--kd-temperature", "2", "--other-lr-scale", "1.5"],
+    "kd-t2-fkd10": [*KD2, "--feature-kd", "10"],
+    "kd-t2-olr1.5": [*KD2, "--other-lr-scale", "1.5"],
 }
 
 
