@@ -89,6 +89,9 @@ VARIANTS: dict[str, list[str]] = {
     # the fourth round, on top of kd-t2
     "kd-t2-fkd10": [*KD2, "--feature-kd", "10"],
     "kd-t2-olr1.5": [*KD2, "--other-lr-scale", "1.5"],
+    # fifth round: stage 2's cosine as one cycle per epoch (each epoch ends annealed)
+    "kd-t2-cyc3": [*KD2, "--stage2-cycles", "3"],
+    "kd-t2-olr1.5-cyc3": [*KD2, "--other-lr-scale", "1.5", "--stage2-cycles", "3"],
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import signal
 
 import pytest
@@ -204,3 +205,96 @@ def test_min_lr_above_stage_twos_peak_is_refused() -> None:
     one_stage = TrainConfig(model="m", data="d", lr=4e-3, min_lr=1e-3, stage1_epochs=0)
     one_stage.stage2_lr_scale = 0.2
     one_stage.validate()  # no stage 2 of its own: the scale does nothing
+
+
+def test_stage2_cycles_by_hand() -> None:
+    """--stage2-cycles 3 over a 3-epoch stage 2 of 4 steps an epoch: each epoch is one
+    cosine from the peak to --min-lr, lr(k) = peak/2 (1 + cos(pi (k mod 4) / 4)); stage 1
+    keeps its one cosine; steps past the last cycle stay at --min-lr."""
+    from recu_cli.training.optim import build_scheduler
+
+    peak = 8e-3
+    by_hand = [8e-3, 6.828427124746190e-3, 4e-3, 1.171572875253810e-3]
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = TrainConfig(model="m", data="d", epochs=4, stage1_epochs=1, lr=peak, stage2_cycles=3)
+    opt = torch.optim.Adam([param], lr=peak)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=4, stage=2)
+    seen = []
+    for k in range(13):
+        sched.step_update(k)
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([*by_hand, *by_hand, *by_hand, 0.0], rel=1e-12, abs=1e-15)
+    one = build_scheduler(torch.optim.Adam([param], lr=peak), cfg, 4, stage=1)
+    one.step_update(2)  # stage 1: one cosine over its 4 steps, halfway down
+    assert one.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3, rel=1e-12)
+    one_stage = TrainConfig(model="m", data="d", epochs=2, stage1_epochs=0, lr=peak,
+                            stage2_cycles=2)  # fmt: skip
+    whole = build_scheduler(torch.optim.Adam([param], lr=peak), one_stage, 2, stage=2)
+    lrs = []
+    for k in range(4):
+        whole.step_update(k)
+        lrs.append(whole.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([8e-3, 4e-3, 8e-3, 4e-3], rel=1e-12)  # the whole run's
+
+
+def test_stage2_cycles_that_do_not_end_at_an_epochs_end_are_refused() -> None:
+    from recu_cli.errors import RecuError
+
+    TrainConfig(model="m", data="d", epochs=6, stage2_cycles=3).validate()  # 3 + 3
+    with pytest.raises(RecuError, match=r"--stage2-cycles 2 does not divide stage 2's 3"):
+        TrainConfig(model="m", data="d", epochs=6, stage2_cycles=2).validate()
+    with pytest.raises(RecuError, match=r"--stage2-cycles with --warmup-epochs"):
+        TrainConfig(model="m", data="d", epochs=6, stage2_cycles=3, warmup_epochs=0.5).validate()
+    TrainConfig(model="m", data="d", epochs=6, warmup_epochs=0.5).validate()  # one cycle
+
+
+def test_stage2_cycles_restart_each_epoch_in_a_run_and_resume_to_the_bit(
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
+) -> None:
+    """A real run of 1 + 2 epochs with --stage2-cycles 2: the learning rates its steps see
+    restart at each stage-2 epoch; Ctrl-C in the second cycle and --resume gives the
+    weights and packed file of a run never stopped."""
+    total = 3 * STEPS
+
+    def config(name: str) -> TrainConfig:
+        return finetune_config(
+            small_cifar, resnet20_weights, tmp_path, name, epochs=3, stage1_epochs=1,
+            stage2_cycles=2,
+        )  # fmt: skip
+
+    straight = Trainer(config("straight"), quiet=True)
+    lrs: list[float] = []
+
+    def record(module, _inputs) -> None:
+        if module.training:
+            lrs.append(straight.parts.optimizer.param_groups[0]["lr"])
+
+    binary_layers(straight.parts.model)[0][1].register_forward_pre_hook(record)
+    assert_fresh_run(tmp_path / "straight", total, straight.fit())
+    peak = straight.cfg.base_lr
+    cosine = [peak / 2 * (1 + math.cos(math.pi * k / STEPS)) for k in range(STEPS)]
+    assert lrs == pytest.approx(cosine * 3, rel=1e-12)  # stage 1, then one cycle per epoch
+    broken = Trainer(config("broken"), quiet=True)
+    forwards = 0
+
+    def ctrl_c_in_the_second_cycle(module, _inputs) -> None:
+        nonlocal forwards
+        forwards += module.training
+        if module.training and forwards == 2 * STEPS + 2:
+            signal.raise_signal(signal.SIGINT)
+
+    binary_layers(broken.parts.model)[0][1].register_forward_pre_hook(ctrl_c_in_the_second_cycle)
+    with pytest.raises(TrainingStopped):
+        broken.fit()
+    run = tmp_path / "broken"
+    saved = saved_position(run)
+    assert saved == {"epoch": 3, "step_in_epoch": 2, "global_step": 2 * STEPS + 2}
+    resumed = Trainer(config("broken"), run_dir=run, quiet=True).fit()
+    assert_continued(run, saved, total, resumed)
+    a, b = final_state(tmp_path / "straight"), final_state(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pa, pb = (load_file(tmp_path / n / "last.safetensors") for n in ("straight", "broken"))
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)

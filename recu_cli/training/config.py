@@ -26,7 +26,7 @@ OPTIMIZERS = tuple(PAPER_LR)
 # Levers added after runs were saved without them, and the value those runs trained with:
 # a run's config.json without the key (--resume, --config RUN/config.json) gets it, so the
 # run is reproduced; a fresh run, or a config file of the user's own, takes the recipe's.
-ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset"}
+ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset", "stage2_cycles": 1}
 COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
 DISTILL, RUN = "Distillation", "Run, output and speed"
@@ -109,6 +109,14 @@ class TrainConfig:
         "cosine restarts from there at the switch); 1 = the same peak. Two stages only.",
         min=0.0,
         above=True,
+        panel=SCHEDULE,
+    )
+    stage2_cycles: int | None = setting(
+        None,
+        "Stage 2's cosine (the whole run's with one stage) as N equal cycles, each from the "
+        "peak down to --min-lr: every cycle's last epoch ends on settled weights; 1 = one "
+        "cosine.",
+        min=1,
         panel=SCHEDULE,
     )
     max_steps: int | None = setting(
@@ -393,7 +401,18 @@ class TrainConfig:
                 f"{self.base_lr * self.stage2_lr_scale:g} (--lr times --stage2-lr-scale): give "
                 "a smaller --min-lr or a larger --stage2-lr-scale"
             )
-        stages = [n for n in (self.stage1_epochs, self.epochs - self.stage1_epochs) if n > 0]
+        stage2 = self.epochs - self.stage1_epochs
+        if stage2 % self.stage2_cycles:
+            raise RecuError(
+                f"--stage2-cycles {self.stage2_cycles} does not divide stage 2's {stage2} "
+                "epochs: each cycle ends at an epoch's end; give a divisor of it"
+            )
+        if self.stage2_cycles > 1 and self.warmup_epochs:
+            raise RecuError(
+                "--stage2-cycles with --warmup-epochs would end the cycles mid-epoch (the "
+                "warm-up comes first): give one of them"
+            )
+        stages = [n for n in (self.stage1_epochs, stage2) if n > 0]
         if self.warmup_epochs > min(stages):
             raise RecuError(
                 f"--warmup-epochs {self.warmup_epochs:g} is longer than the run's shortest "

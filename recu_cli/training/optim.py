@@ -180,9 +180,13 @@ def build_scheduler(
     if cfg.max_steps:
         total = max(1, min(total, cfg.max_steps - start_step))
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    cycles = cfg.stage2_cycles if stage == 2 else 1
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(1, total - warmup),
+        # --stage2-cycles: equal restarts, each back at the peak; steps that do not fill a
+        # last cycle stay at lr_min
+        t_initial=max(1, (total - warmup) // cycles),
+        cycle_limit=cycles,
         lr_min=cfg.min_lr,
         warmup_t=warmup,
         warmup_lr_init=cfg.warmup_lr,
