@@ -92,6 +92,8 @@ VARIANTS: dict[str, list[str]] = {
     # fifth round: stage 2's cosine as one cycle per epoch (each epoch ends annealed)
     "kd-t2-cyc3": [*KD2, "--stage2-cycles", "3"],
     "kd-t2-olr1.5-cyc3": [*KD2, "--other-lr-scale", "1.5", "--stage2-cycles", "3"],
+    # stage 2 as one epoch annealed to lr 0, then a 2-epoch cosine (SGDR, T_mult 2)
+    "kd-t2-cyc12": [*KD2, "--stage2-cycles", "2", "--stage2-cycle-mul", "2"],
 }
 
 

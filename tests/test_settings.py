@@ -70,7 +70,7 @@ def flags_of(cmd: Any) -> set[str]:
 def test_flags_stay_as_they_were() -> None:
     added = {
         "--kd-temperature", "--binarize-penalty", "--binarize-ramp", "--switch-moments",
-        "--stage2-lr-scale", "--stage2-cycles",
+        "--stage2-lr-scale", "--stage2-cycles", "--stage2-cycle-mul",
     }  # fmt: skip
     assert flags_of(command("binarize")) == BINARIZE_FLAGS | added
     assert flags_of(command("convert")) == CONVERT_FLAGS
@@ -137,6 +137,7 @@ def test_kd_temperature_has_a_flag() -> None:
 ADDED_SINCE_0_1_0 = {
     "compile": "auto", "data_path": "auto", "binarize_penalty": 0.0, "binarize_ramp": 0.0,
     "switch_moments": "reset", "stage2_lr_scale": 1.0, "stage2_cycles": 1,
+    "stage2_cycle_mul": 1,
 }  # fmt: skip
 
 

@@ -235,14 +235,26 @@ def test_stage2_cycles_by_hand() -> None:
         whole.step_update(k)
         lrs.append(whole.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([8e-3, 4e-3, 8e-3, 4e-3], rel=1e-12)  # the whole run's
+    doubling = TrainConfig(model="m", data="d", epochs=4, stage1_epochs=1, lr=peak,
+                           stage2_cycles=2, stage2_cycle_mul=2)  # fmt: skip
+    sgdr = build_scheduler(torch.optim.Adam([param], lr=peak), doubling, 2, stage=2)
+    lrs = []
+    for k in range(7):
+        sgdr.step_update(k)
+        lrs.append(sgdr.optimizer.param_groups[0]["lr"])
+    # 1 epoch of 2 steps, then 2 epochs: 4 steps down from the peak, then lr_min
+    assert lrs == pytest.approx([8e-3, 4e-3, *by_hand, 0.0], rel=1e-12, abs=1e-15)
 
 
 def test_stage2_cycles_that_do_not_end_at_an_epochs_end_are_refused() -> None:
     from recu_cli.errors import RecuError
 
     TrainConfig(model="m", data="d", epochs=6, stage2_cycles=3).validate()  # 3 + 3
-    with pytest.raises(RecuError, match=r"--stage2-cycles 2 does not divide stage 2's 3"):
+    with pytest.raises(RecuError, match=r"--stage2-cycles 2 .* stage 2's 3 epochs.* 2 must"):
         TrainConfig(model="m", data="d", epochs=6, stage2_cycles=2).validate()
+    TrainConfig(model="m", data="d", epochs=6, stage2_cycles=2, stage2_cycle_mul=2).validate()
+    with pytest.raises(RecuError, match=r"--stage2-cycle-mul 2\) .* 4 epochs.* 3 must"):
+        TrainConfig(model="m", data="d", epochs=8, stage2_cycles=2, stage2_cycle_mul=2).validate()
     with pytest.raises(RecuError, match=r"--stage2-cycles with --warmup-epochs"):
         TrainConfig(model="m", data="d", epochs=6, stage2_cycles=3, warmup_epochs=0.5).validate()
     TrainConfig(model="m", data="d", epochs=6, warmup_epochs=0.5).validate()  # one cycle

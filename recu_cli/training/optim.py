@@ -10,7 +10,7 @@ from torch import nn
 from recu_cli.binarize.tau import tau_schedule
 from recu_cli.bnn import binary_layers
 from recu_cli.devices import default_amp_dtype
-from recu_cli.training.config import TrainConfig
+from recu_cli.training.config import TrainConfig, cycle_units
 from recu_cli.training.distributed import DistInfo
 
 
@@ -180,13 +180,15 @@ def build_scheduler(
     if cfg.max_steps:
         total = max(1, min(total, cfg.max_steps - start_step))
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    cycles = cfg.stage2_cycles if stage == 2 else 1
+    # --stage2-cycles: restarts, each back at the peak and --stage2-cycle-mul times as long
+    # as the one before; steps that do not fill a last cycle stay at lr_min
+    cycles, mul = (cfg.stage2_cycles, cfg.stage2_cycle_mul) if stage == 2 else (1, 1)
+    units = cycle_units(cfg) if stage == 2 else 1
     return CosineLRScheduler(
         optimizer,
-        # --stage2-cycles: equal restarts, each back at the peak; steps that do not fill a
-        # last cycle stay at lr_min
-        t_initial=max(1, (total - warmup) // cycles),
+        t_initial=max(1, (total - warmup) // units),
         cycle_limit=cycles,
+        cycle_mul=mul,
         lr_min=cfg.min_lr,
         warmup_t=warmup,
         warmup_lr_init=cfg.warmup_lr,
