@@ -118,9 +118,9 @@ class TrainConfig:
     )
     stage2_cycles: int | None = setting(
         None,
-        "Stage 2's cosine (the whole run's with one stage) as N equal cycles, each from the "
-        "peak down to --min-lr: every cycle's last epoch ends on settled weights; 1 = one "
-        "cosine.",
+        "Stage 2's cosine (the whole run's with one stage) as N cycles (equal ones unless "
+        "--stage2-cycle-mul), each from the peak down to --min-lr at an epoch's end, which "
+        "then validates settled weights; 1 = one cosine.",
         min=1,
         panel=SCHEDULE,
     )
