@@ -89,11 +89,12 @@ VARIANTS: dict[str, list[str]] = {
     # the fourth round, on top of kd-t2
     "kd-t2-fkd10": [*KD2, "--feature-kd", "10"],
     "kd-t2-olr1.5": [*KD2, "--other-lr-scale", "1.5"],
-    # fifth round: stage 2's cosine as one cycle per epoch (each epoch ends annealed)
-    "kd-t2-cyc3": [*KD2, "--stage2-cycles", "3"],
-    "kd-t2-olr1.5-cyc3": [*KD2, "--other-lr-scale", "1.5", "--stage2-cycles", "3"],
-    # stage 2 as one epoch annealed to lr 0, then a 2-epoch cosine (SGDR, T_mult 2)
-    "kd-t2-cyc12": [*KD2, "--stage2-cycles", "2", "--stage2-cycle-mul", "2"],
+    # fifth round: stage 2 begins with one-epoch cosines annealed to lr 0
+    # (--stage2-short-cycles; measured as --stage2-cycles 3 and --stage2-cycles 2
+    # --stage2-cycle-mul 2, flags of then whose schedules these equal step for step)
+    "kd-t2-cyc3": [*KD2, "--stage2-short-cycles", "2"],
+    "kd-t2-olr1.5-cyc3": [*KD2, "--other-lr-scale", "1.5", "--stage2-short-cycles", "2"],
+    "kd-t2-cyc12": [*KD2, "--stage2-short-cycles", "1"],
 }
 
 

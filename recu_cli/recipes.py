@@ -50,8 +50,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "binarize_ramp": 0.0,
         "switch_moments": "keep",  # "reset" before issue 27: half the drop, same end
         "stage2_lr_scale": 1.0,
-        "stage2_cycles": 1,
-        "stage2_cycle_mul": 1,
+        "stage2_short_cycles": 0,
         "kd_temperature": 2.0,  # issue 27, third round: 1 -> 2 (soft labels of a teacher
         # that saw these images are nearly one-hot at T = 1)
         "feature_kd": 3.0,
@@ -67,8 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "binarize_ramp": 0.0,
         "switch_moments": "reset",
         "stage2_lr_scale": 1.0,  # one stage: no stage 2 of its own
-        "stage2_cycles": 1,
-        "stage2_cycle_mul": 1,
+        "stage2_short_cycles": 0,
         "kd_temperature": 1.0,
         "feature_kd": 0.0,
         "other_lr_scale": 1.0,

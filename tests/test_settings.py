@@ -70,7 +70,7 @@ def flags_of(cmd: Any) -> set[str]:
 def test_flags_stay_as_they_were() -> None:
     added = {
         "--kd-temperature", "--binarize-penalty", "--binarize-ramp", "--switch-moments",
-        "--stage2-lr-scale", "--stage2-cycles", "--stage2-cycle-mul",
+        "--stage2-lr-scale", "--stage2-short-cycles",
     }  # fmt: skip
     assert flags_of(command("binarize")) == BINARIZE_FLAGS | added
     assert flags_of(command("convert")) == CONVERT_FLAGS
@@ -136,8 +136,7 @@ def test_kd_temperature_has_a_flag() -> None:
 # those runs trained
 ADDED_SINCE_0_1_0 = {
     "compile": "auto", "data_path": "auto", "binarize_penalty": 0.0, "binarize_ramp": 0.0,
-    "switch_moments": "reset", "stage2_lr_scale": 1.0, "stage2_cycles": 1,
-    "stage2_cycle_mul": 1,
+    "switch_moments": "reset", "stage2_lr_scale": 1.0, "stage2_short_cycles": 0,
 }  # fmt: skip
 
 

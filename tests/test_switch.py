@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import signal
+from functools import partial
 
 import pytest
 import torch
@@ -207,73 +208,70 @@ def test_min_lr_above_stage_twos_peak_is_refused() -> None:
     one_stage.validate()  # no stage 2 of its own: the scale does nothing
 
 
-def test_stage2_cycles_by_hand() -> None:
-    """--stage2-cycles 3 over a 3-epoch stage 2 of 4 steps an epoch: each epoch is one
-    cosine from the peak to --min-lr, lr(k) = peak/2 (1 + cos(pi (k mod 4) / 4)); stage 1
-    keeps its one cosine; steps past the last cycle stay at --min-lr."""
+def test_stage2_short_cycles_by_hand() -> None:
+    """--stage2-short-cycles over a 3-epoch stage 2 of 4 steps an epoch: K one-epoch
+    cosines lr(k) = peak/2 (1 + cos(pi k / 4)), then one cosine over the rest; stage 1
+    keeps its one cosine; steps past the stage stay at --min-lr."""
     from recu_cli.training.optim import build_scheduler
 
     peak = 8e-3
-    by_hand = [8e-3, 6.828427124746190e-3, 4e-3, 1.171572875253810e-3]
-    param = torch.nn.Parameter(torch.zeros(1))
-    cfg = TrainConfig(model="m", data="d", epochs=4, stage1_epochs=1, lr=peak, stage2_cycles=3)
-    opt = torch.optim.Adam([param], lr=peak)
-    sched = build_scheduler(opt, cfg, steps_per_epoch=4, stage=2)
-    seen = []
-    for k in range(13):
-        sched.step_update(k)
-        seen.append(opt.param_groups[0]["lr"])
-    assert seen == pytest.approx([*by_hand, *by_hand, *by_hand, 0.0], rel=1e-12, abs=1e-15)
-    one = build_scheduler(torch.optim.Adam([param], lr=peak), cfg, 4, stage=1)
-    one.step_update(2)  # stage 1: one cosine over its 4 steps, halfway down
-    assert one.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3, rel=1e-12)
+    epoch = [8e-3, 6.828427124746190e-3, 4e-3, 1.171572875253810e-3]  # by hand
+    two_epochs = [8e-3, 7.695518130045147e-3, 6.828427124746190e-3, 5.530733729460359e-3]
+    two_epochs += [4e-3, *(peak - v for v in reversed(two_epochs[1:]))]  # cos(pi-x) = -cos x
+
+    def lrs(cfg: TrainConfig, steps: int, stage: int = 2, spe: int = 4) -> list[float]:
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        sched = build_scheduler(opt, cfg, steps_per_epoch=spe, stage=stage)
+        seen = []
+        for k in range(steps):
+            sched.step_update(k)
+            seen.append(opt.param_groups[0]["lr"])
+        return seen
+
+    def cfg(**kw) -> TrainConfig:
+        return TrainConfig(model="m", data="d", epochs=4, stage1_epochs=1, lr=peak, **kw)
+
+    approx = partial(pytest.approx, rel=1e-12, abs=1e-15)
+    assert lrs(cfg(stage2_short_cycles=2), 13) == approx([*epoch, *epoch, *epoch, 0.0])
+    assert lrs(cfg(stage2_short_cycles=1), 13) == approx([*epoch, *two_epochs, 0.0])
+    assert lrs(cfg(stage2_short_cycles=5), 12) == approx(epoch * 3)  # no more than it has
+    one = lrs(cfg(stage2_short_cycles=0), 12, spe=4)  # one cosine over the 12 steps
+    assert one[6] == pytest.approx(4e-3, rel=1e-12) and one[4] > one[6] > one[8] > 0
+    # stage 1 (2 epochs here) keeps its one cosine: no restart after its first epoch
+    two_stage1 = TrainConfig(model="m", data="d", epochs=4, stage1_epochs=2, lr=peak,
+                             stage2_short_cycles=1)  # fmt: skip
+    assert lrs(two_stage1, 9, stage=1) == approx([*two_epochs, 0.0])
     one_stage = TrainConfig(model="m", data="d", epochs=2, stage1_epochs=0, lr=peak,
-                            stage2_cycles=2)  # fmt: skip
-    whole = build_scheduler(torch.optim.Adam([param], lr=peak), one_stage, 2, stage=2)
-    lrs = []
-    for k in range(4):
-        whole.step_update(k)
-        lrs.append(whole.optimizer.param_groups[0]["lr"])
-    assert lrs == pytest.approx([8e-3, 4e-3, 8e-3, 4e-3], rel=1e-12)  # the whole run's
-    doubling = TrainConfig(model="m", data="d", epochs=4, stage1_epochs=1, lr=peak,
-                           stage2_cycles=2, stage2_cycle_mul=2)  # fmt: skip
-    sgdr = build_scheduler(torch.optim.Adam([param], lr=peak), doubling, 2, stage=2)
-    lrs = []
-    for k in range(7):
-        sgdr.step_update(k)
-        lrs.append(sgdr.optimizer.param_groups[0]["lr"])
-    # 1 epoch of 2 steps, then 2 epochs: 4 steps down from the peak, then lr_min
-    assert lrs == pytest.approx([8e-3, 4e-3, *by_hand, 0.0], rel=1e-12, abs=1e-15)
+                            stage2_short_cycles=1)  # fmt: skip
+    assert lrs(one_stage, 4, spe=2) == approx([8e-3, 4e-3, 8e-3, 4e-3])  # the whole run's
+    cut = cfg(stage2_short_cycles=2, max_steps=4 + 6)  # stage 2 cut after 6 of its steps
+    assert lrs(cut, 7) == approx([*epoch, 8e-3, 4e-3, 0.0])  # the cut cycle ends at the cut
 
 
-def test_stage2_cycles_that_do_not_end_at_an_epochs_end_are_refused() -> None:
+def test_stage2_short_cycles_with_a_warm_up_are_refused() -> None:
     from recu_cli.errors import RecuError
 
-    TrainConfig(model="m", data="d", epochs=6, stage2_cycles=3).validate()  # 3 + 3
-    with pytest.raises(RecuError, match=r"--stage2-cycles 2 .* stage 2's 3 epochs.* 2 must"):
-        TrainConfig(model="m", data="d", epochs=6, stage2_cycles=2).validate()
-    TrainConfig(model="m", data="d", epochs=6, stage2_cycles=2, stage2_cycle_mul=2).validate()
-    with pytest.raises(RecuError, match=r"--stage2-cycle-mul 2\) .* 4 epochs.* 3 must"):
-        TrainConfig(model="m", data="d", epochs=8, stage2_cycles=2, stage2_cycle_mul=2).validate()
-    with pytest.raises(RecuError, match=r"--stage2-cycles with --warmup-epochs"):
-        TrainConfig(model="m", data="d", epochs=6, stage2_cycles=3, warmup_epochs=0.5).validate()
+    TrainConfig(model="m", data="d", epochs=6, stage2_short_cycles=2).validate()
+    with pytest.raises(RecuError, match=r"--stage2-short-cycles with --warmup-epochs"):
+        TrainConfig(model="m", data="d", epochs=6, stage2_short_cycles=1,
+                    warmup_epochs=0.5).validate()  # fmt: skip
     TrainConfig(model="m", data="d", epochs=6, warmup_epochs=0.5).validate()  # one cycle
 
 
-def test_stage2_cycles_restart_each_epoch_in_a_run_and_resume_to_the_bit(
+def test_stage2_short_cycles_restart_each_epoch_in_a_run_and_resume_to_the_bit(
     small_cifar,  # noqa: F811
     resnet20_weights,
     tmp_path,
 ) -> None:
-    """A real run of 1 + 2 epochs with --stage2-cycles 2: the learning rates its steps see
-    restart at each stage-2 epoch; Ctrl-C in the second cycle and --resume gives the
+    """A real run of 1 + 2 epochs with --stage2-short-cycles 1: the learning rates its
+    steps see restart at each stage-2 epoch; Ctrl-C in the second cycle and --resume gives the
     weights and packed file of a run never stopped."""
     total = 3 * STEPS
 
     def config(name: str) -> TrainConfig:
         return finetune_config(
             small_cifar, resnet20_weights, tmp_path, name, epochs=3, stage1_epochs=1,
-            stage2_cycles=2,
+            stage2_short_cycles=1,
         )  # fmt: skip
 
     straight = Trainer(config("straight"), quiet=True)

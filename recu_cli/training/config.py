@@ -26,15 +26,10 @@ OPTIMIZERS = tuple(PAPER_LR)
 # Levers added after runs were saved without them, and the value those runs trained with:
 # a run's config.json without the key (--resume, --config RUN/config.json) gets it, so the
 # run is reproduced; a fresh run, or a config file of the user's own, takes the recipe's.
-ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset", "stage2_cycles": 1, "stage2_cycle_mul": 1}
+ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset", "stage2_short_cycles": 0}
 COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
 DISTILL, RUN = "Distillation", "Run, output and speed"
-
-
-def cycle_units(cfg: TrainConfig) -> int:
-    """Stage 2's length in units of its first cycle: 1 + m + m^2 + ... over its cycles."""
-    return sum(cfg.stage2_cycle_mul**i for i in range(cfg.stage2_cycles))
 
 
 @dataclass
@@ -116,19 +111,12 @@ class TrainConfig:
         above=True,
         panel=SCHEDULE,
     )
-    stage2_cycles: int | None = setting(
+    stage2_short_cycles: int | None = setting(
         None,
-        "Stage 2's cosine (the whole run's with one stage) as N cycles (equal ones unless "
-        "--stage2-cycle-mul), each from the peak down to --min-lr at an epoch's end, which "
-        "then validates settled weights; 1 = one cosine.",
-        min=1,
-        panel=SCHEDULE,
-    )
-    stage2_cycle_mul: int | None = setting(
-        None,
-        "With --stage2-cycles: each cycle this many times as long as the one before "
-        "(SGDR's T_mult; 2 with 2 cycles over 3 epochs: 1 epoch, then 2); 1 = equal cycles.",
-        min=1,
+        "Stage 2 (the whole run with one stage) begins with N one-epoch cosines, each from "
+        "the peak down to --min-lr, then one cosine over the rest: each of those epochs "
+        "ends on settled weights; 0 = one cosine over stage 2.",
+        min=0,
         panel=SCHEDULE,
     )
     max_steps: int | None = setting(
@@ -414,16 +402,10 @@ class TrainConfig:
                 "a smaller --min-lr or a larger --stage2-lr-scale"
             )
         stage2 = self.epochs - self.stage1_epochs
-        if stage2 % cycle_units(self):
+        if self.stage2_short_cycles and self.warmup_epochs:
             raise RecuError(
-                f"--stage2-cycles {self.stage2_cycles} (--stage2-cycle-mul "
-                f"{self.stage2_cycle_mul}) does not fit stage 2's {stage2} epochs: each cycle "
-                f"ends at an epoch's end, so {cycle_units(self)} must divide them"
-            )
-        if self.stage2_cycles > 1 and self.warmup_epochs:
-            raise RecuError(
-                "--stage2-cycles with --warmup-epochs would end the cycles mid-epoch (the "
-                "warm-up comes first): give one of them"
+                "--stage2-short-cycles with --warmup-epochs would end the one-epoch cycles "
+                "mid-epoch (the warm-up comes first): give one of them"
             )
         stages = [n for n in (self.stage1_epochs, stage2) if n > 0]
         if self.warmup_epochs > min(stages):

@@ -10,7 +10,7 @@ from torch import nn
 from recu_cli.binarize.tau import tau_schedule
 from recu_cli.bnn import binary_layers
 from recu_cli.devices import default_amp_dtype
-from recu_cli.training.config import TrainConfig, cycle_units
+from recu_cli.training.config import TrainConfig
 from recu_cli.training.distributed import DistInfo
 
 
@@ -159,17 +159,26 @@ def set_stage_peaks(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: i
         group["initial_lr"] = peak * scale
 
 
+def cycle_bounds(cfg: TrainConfig, stage: int, total: int, steps_per_epoch: int) -> list[int]:
+    """The steps (from the stage's start) where its cosines begin: stage 2's
+    --stage2-short-cycles one-epoch cycles, then the rest; a cycle past `total` (a stage cut
+    by --max-steps) is dropped, so the last one kept ends there."""
+    short = cfg.stage2_short_cycles if stage == 2 else 0
+    starts = [k * steps_per_epoch for k in range(short + 1)]
+    return [s for s in starts if s < total] or [0]
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     steps_per_epoch: int,
     stage: int = 2,
     start_step: int | None = None,
-):
+) -> CosineCycles:
     """timm's cosine schedule with linear warm-up, stepped per update, over one stage (each
-    stage of a two-stage run gets its own warm-up and cosine, as in ReActNet). `start_step`:
-    the global step the stage began at (default: its first epoch's first step); the
-    scheduler is then stepped with the steps taken since."""
+    stage of a two-stage run gets its own warm-up and cosine, as in ReActNet), or over each
+    of its cycles. `start_step`: the global step the stage began at (default: its first
+    epoch's first step); the scheduler is then stepped with the steps taken since."""
     from timm.scheduler import CosineLRScheduler
 
     set_stage_peaks(optimizer, cfg, stage)
@@ -180,21 +189,32 @@ def build_scheduler(
     if cfg.max_steps:
         total = max(1, min(total, cfg.max_steps - start_step))
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    # --stage2-cycles: restarts, each back at the peak and --stage2-cycle-mul times as long
-    # as the one before; steps that do not fill a last cycle stay at lr_min
-    cycles, mul = (cfg.stage2_cycles, cfg.stage2_cycle_mul) if stage == 2 else (1, 1)
-    units = cycle_units(cfg) if stage == 2 else 1
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, (total - warmup) // units),
-        cycle_limit=cycles,
-        cycle_mul=mul,
-        lr_min=cfg.min_lr,
-        warmup_t=warmup,
-        warmup_lr_init=cfg.warmup_lr,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    starts = cycle_bounds(cfg, stage, total, steps_per_epoch)
+    cycles = []
+    for begin, stop in zip(starts, [*starts[1:], total], strict=True):
+        cosine = CosineLRScheduler(
+            optimizer,
+            t_initial=max(1, stop - begin - (warmup if begin == 0 else 0)),
+            lr_min=cfg.min_lr,
+            warmup_t=warmup if begin == 0 else 0,  # the stage's warm-up, once
+            warmup_lr_init=cfg.warmup_lr,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        cycles.append((begin, cosine))
+    return CosineCycles(cycles)
+
+
+class CosineCycles:
+    """Consecutive timm cosines, each stepped with the updates since its own start (the
+    learning rate restarts at the peak where the next begins)."""
+
+    def __init__(self, cycles: list[tuple[int, Any]]) -> None:
+        self.cycles = cycles
+
+    def step_update(self, num_updates: int) -> None:
+        begin, cosine = next((b, c) for b, c in reversed(self.cycles) if num_updates >= b)
+        cosine.step_update(num_updates - begin)
 
 
 def tau_at(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step: int) -> float:
