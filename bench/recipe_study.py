@@ -86,10 +86,10 @@ VARIANTS: dict[str, list[str]] = {
     "lr8e-3-tau0.95": [*LR8, "--tau-min", "0.95"],
     "lr8e-3-no-std": [*LR8, "--no-standardize"],
     "lr8e-3-plain": [*LR8, "--plain-sign"],
-    # the fourth round, on top of kd-t2
+    # on top of kd-t2 (results.md: the third round's last rows)
     "kd-t2-fkd10": [*KD2, "--feature-kd", "10"],
     "kd-t2-olr1.5": [*KD2, "--other-lr-scale", "1.5"],
-    # fifth round: stage 2 begins with one-epoch cosines annealed to lr 0
+    # results.md's fourth round: stage 2 begins with one-epoch cosines annealed to lr 0
     # (--stage2-short-cycles; measured as --stage2-cycles 3 and --stage2-cycles 2
     # --stage2-cycle-mul 2, flags of then whose schedules these equal step for step)
     "kd-t2-cyc3": [*KD2, "--stage2-short-cycles", "2"],
