@@ -239,7 +239,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
     resumed = Trainer(TrainConfig(**{**cfg.__dict__, "max_steps": None}), run_dir=run, quiet=True)
     for group in resumed.parts.optimizer.param_groups:
         group["lr"] = 1e38  # a learning rate that makes the weights overflow
-    resumed.state.scheduler.base_values = [1e38 for _ in resumed.state.scheduler.base_values]
+    for _, cosine in resumed.state.scheduler.cycles:
+        cosine.base_values = [1e38 for _ in cosine.base_values]
     with pytest.raises(TrainingStopped, match=r"loss became (nan|inf)") as exc:
         resumed.fit()
     assert exc.value.exit_code == 1

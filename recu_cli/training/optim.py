@@ -213,7 +213,12 @@ class CosineCycles:
         self.cycles = cycles
 
     def step_update(self, num_updates: int) -> None:
-        begin, cosine = next((b, c) for b, c in reversed(self.cycles) if num_updates >= b)
+        """Before the first cycle's start (a resumed run's stage entered ahead of its
+        switch, which then enters it again where the run stands) timm's cosine answers."""
+        begin, cosine = self.cycles[0]
+        for b, c in self.cycles[1:]:
+            if num_updates >= b:
+                begin, cosine = b, c
         cosine.step_update(num_updates - begin)
 
 
