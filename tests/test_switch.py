@@ -8,7 +8,9 @@ import csv
 import json
 import math
 import signal
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,36 @@ from tests.test_recipe import finetune_config
 from tests.test_train import final_state, small_cifar  # noqa: F401
 
 STEPS = 120 // 16  # small_cifar's 120 training images in batches of 16
+
+
+def ctrl_c_then_resume_equals_straight(
+    config: Callable[[str], TrainConfig], tmp_path: Path, at_forward: int, total: int
+) -> dict[str, int]:
+    """A real SIGINT raised by the run's own training forward number `at_forward`, then
+    --resume: weights and packed file equal to the finished run `tmp_path/straight`.
+    Returns the stopped run's saved position."""
+    broken = Trainer(config("broken"), quiet=True)
+    forwards = 0
+
+    def ctrl_c(module, _inputs) -> None:
+        nonlocal forwards
+        forwards += module.training
+        if module.training and forwards == at_forward:
+            signal.raise_signal(signal.SIGINT)
+
+    binary_layers(broken.parts.model)[0][1].register_forward_pre_hook(ctrl_c)
+    with pytest.raises(TrainingStopped):
+        broken.fit()
+    run = tmp_path / "broken"
+    saved = saved_position(run)
+    resumed = Trainer(config("broken"), run_dir=run, quiet=True).fit()
+    assert_continued(run, saved, total, resumed)
+    a, b = final_state(tmp_path / "straight"), final_state(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pa, pb = (load_file(tmp_path / n / "last.safetensors") for n in ("straight", "broken"))
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    return saved
 
 
 def test_sign_gap_and_its_gradient_by_hand() -> None:
@@ -128,28 +160,8 @@ def test_ctrl_c_inside_the_ramp_after_a_penalized_stage_resumes_to_the_bit(
 
     straight = Trainer(config("straight"), quiet=True)
     assert_fresh_run(tmp_path / "straight", total, straight.fit())
-    broken = Trainer(config("broken"), quiet=True)
-    forwards = 0
-
-    def ctrl_c_in_stage_two(module, _inputs) -> None:
-        nonlocal forwards
-        forwards += module.training
-        if module.training and forwards == STEPS + 3:
-            signal.raise_signal(signal.SIGINT)
-
-    binary_layers(broken.parts.model)[0][1].register_forward_pre_hook(ctrl_c_in_stage_two)
-    with pytest.raises(TrainingStopped):
-        broken.fit()
-    run = tmp_path / "broken"
-    saved = saved_position(run)
+    saved = ctrl_c_then_resume_equals_straight(config, tmp_path, STEPS + 3, total)
     assert saved == {"epoch": 2, "step_in_epoch": 3, "global_step": STEPS + 3}  # in the ramp
-    resumed = Trainer(config("broken"), run_dir=run, quiet=True).fit()
-    assert_continued(run, saved, total, resumed)
-    a, b = final_state(tmp_path / "straight"), final_state(run)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    pa, pb = (load_file(tmp_path / n / "last.safetensors") for n in ("straight", "broken"))
-    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 def test_a_ramp_cut_by_max_steps_validates_binary_weights(
@@ -286,25 +298,5 @@ def test_stage2_short_cycles_restart_each_epoch_in_a_run_and_resume_to_the_bit(
     peak = straight.cfg.base_lr
     cosine = [peak / 2 * (1 + math.cos(math.pi * k / STEPS)) for k in range(STEPS)]
     assert lrs == pytest.approx(cosine * 3, rel=1e-12)  # stage 1, then one cycle per epoch
-    broken = Trainer(config("broken"), quiet=True)
-    forwards = 0
-
-    def ctrl_c_in_the_second_cycle(module, _inputs) -> None:
-        nonlocal forwards
-        forwards += module.training
-        if module.training and forwards == 2 * STEPS + 2:
-            signal.raise_signal(signal.SIGINT)
-
-    binary_layers(broken.parts.model)[0][1].register_forward_pre_hook(ctrl_c_in_the_second_cycle)
-    with pytest.raises(TrainingStopped):
-        broken.fit()
-    run = tmp_path / "broken"
-    saved = saved_position(run)
+    saved = ctrl_c_then_resume_equals_straight(config, tmp_path, 2 * STEPS + 2, total)
     assert saved == {"epoch": 3, "step_in_epoch": 2, "global_step": 2 * STEPS + 2}
-    resumed = Trainer(config("broken"), run_dir=run, quiet=True).fit()
-    assert_continued(run, saved, total, resumed)
-    a, b = final_state(tmp_path / "straight"), final_state(run)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    pa, pb = (load_file(tmp_path / n / "last.safetensors") for n in ("straight", "broken"))
-    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
