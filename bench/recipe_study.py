@@ -95,6 +95,10 @@ VARIANTS: dict[str, list[str]] = {
     "kd-t2-cyc3": [*KD2, "--stage2-short-cycles", "2"],
     "kd-t2-olr1.5-cyc3": [*KD2, "--other-lr-scale", "1.5", "--stage2-short-cycles", "2"],
     "kd-t2-cyc12": [*KD2, "--stage2-short-cycles", "1"],
+    # results.md's fifth round: two stage-1 epochs, so that a stage 2 that begins annealed
+    # still ends with a 3-epoch cosine
+    "kd-t2-split2": [*KD2, "--stage1-epochs", "2"],
+    "kd-t2-split2-cyc12": [*KD2, "--stage1-epochs", "2", "--stage2-short-cycles", "1"],
 }
 
 
