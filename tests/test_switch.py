@@ -260,14 +260,33 @@ def test_stage2_short_cycles_by_hand() -> None:
     assert lrs(cut, 7) == approx([*epoch, 8e-3, 4e-3, 0.0])  # the cut cycle ends at the cut
 
 
-def test_stage2_short_cycles_with_a_warm_up_are_refused() -> None:
+def test_stage2_short_cycles_take_a_warm_up_of_less_than_their_epoch() -> None:
+    """A warm-up opens the first one-epoch cosine (which still ends with its epoch); one of
+    a whole epoch or more would fill it, and is refused."""
     from recu_cli.errors import RecuError
+    from recu_cli.training.optim import build_scheduler
 
-    TrainConfig(model="m", data="d", epochs=6, stage2_short_cycles=2).validate()
-    with pytest.raises(RecuError, match=r"--stage2-short-cycles with --warmup-epochs"):
-        TrainConfig(model="m", data="d", epochs=6, stage2_short_cycles=1,
-                    warmup_epochs=0.5).validate()  # fmt: skip
-    TrainConfig(model="m", data="d", epochs=6, warmup_epochs=0.5).validate()  # one cycle
+    def cfg(**kw) -> TrainConfig:
+        return TrainConfig(model="m", data="d", epochs=6, stage1_epochs=2, lr=8e-3, **kw)
+
+    cfg(stage2_short_cycles=2).validate()
+    cfg(stage2_short_cycles=1, warmup_epochs=0.5).validate()
+    for warm_up in (1.0, 2.0):
+        with pytest.raises(RecuError, match=r"fills stage 2's first one-epoch cosine"):
+            cfg(stage2_short_cycles=1, warmup_epochs=warm_up).validate()
+    cfg(stage2_short_cycles=0, warmup_epochs=1.0).validate()  # one cosine: any warm-up
+    TrainConfig(model="m", data="d", epochs=2, stage1_epochs=1, stage2_short_cycles=1,
+                warmup_epochs=1.0).validate()  # a 1-epoch stage 2 is its one cosine  # fmt: skip
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=8e-3)
+    sched = build_scheduler(opt, cfg(stage2_short_cycles=1, warmup_epochs=0.5), 4, stage=2)
+    seen = []
+    for k in range(6):
+        sched.step_update(k)
+        seen.append(opt.param_groups[0]["lr"])
+    # by hand: warm-up from 1e-6 over 2 steps, the cosine over the other 2 (8e-3, 4e-3),
+    # then the next cycle at the peak, with no warm-up of its own
+    want = [1e-6, 1e-6 + (8e-3 - 1e-6) / 2, 8e-3, 4e-3, 8e-3]
+    assert seen[:5] == pytest.approx(want, rel=1e-12) and seen[5] < 8e-3
 
 
 def test_stage2_short_cycles_restart_each_epoch_in_a_run_and_resume_to_the_bit(

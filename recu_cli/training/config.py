@@ -402,17 +402,18 @@ class TrainConfig:
                 "a smaller --min-lr or a larger --stage2-lr-scale"
             )
         stage2 = self.epochs - self.stage1_epochs
-        if self.stage2_short_cycles and self.warmup_epochs:
-            raise RecuError(
-                "--stage2-short-cycles with --warmup-epochs would end the one-epoch cycles "
-                "mid-epoch (the warm-up comes first): give one of them"
-            )
         stages = [n for n in (self.stage1_epochs, stage2) if n > 0]
         if self.warmup_epochs > min(stages):
             raise RecuError(
                 f"--warmup-epochs {self.warmup_epochs:g} is longer than the run's shortest "
                 f"stage ({min(stages)} epochs; each stage warms up anew): give at most "
                 f"{min(stages)}"
+            )
+        if self.stage2_short_cycles and stage2 > 1 and self.warmup_epochs >= 1:
+            raise RecuError(
+                f"--warmup-epochs {self.warmup_epochs:g} fills stage 2's first one-epoch "
+                f"cosine (--stage2-short-cycles {self.stage2_short_cycles}): give a warm-up "
+                "under 1 epoch, or --stage2-short-cycles 0"
             )
 
     @property
