@@ -255,7 +255,7 @@ def test_stage2_short_cycles_by_hand() -> None:
     assert lrs(two_stage1, 9, stage=1) == approx([*two_epochs, 0.0])
     one_stage = TrainConfig(model="m", data="d", epochs=2, stage1_epochs=0, lr=peak,
                             stage2_short_cycles=1)  # fmt: skip
-    assert lrs(one_stage, 4, spe=2) == approx([8e-3, 4e-3, 8e-3, 4e-3])  # the whole run's
+    assert lrs(one_stage, 4, spe=2) == approx(epoch)  # no switch: one cosine over the run
     cut = cfg(stage2_short_cycles=2, max_steps=4 + 6)  # stage 2 cut after 6 of its steps
     assert lrs(cut, 7) == approx([*epoch, 8e-3, 4e-3, 0.0])  # the cut cycle ends at the cut
 
@@ -277,6 +277,8 @@ def test_stage2_short_cycles_take_a_warm_up_of_less_than_their_epoch() -> None:
     cfg(stage2_short_cycles=0, warmup_epochs=1.0).validate()  # one cosine: any warm-up
     TrainConfig(model="m", data="d", epochs=2, stage1_epochs=1, stage2_short_cycles=1,
                 warmup_epochs=1.0).validate()  # a 1-epoch stage 2 is its one cosine  # fmt: skip
+    TrainConfig(model="m", data="d", epochs=6, stage1_epochs=0, stage2_short_cycles=1,
+                warmup_epochs=1.0).validate()  # one stage: no short cycles  # fmt: skip
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=8e-3)
     sched = build_scheduler(opt, cfg(stage2_short_cycles=1, warmup_epochs=0.5), 4, stage=2)
     seen = []

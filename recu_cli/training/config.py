@@ -113,9 +113,9 @@ class TrainConfig:
     )
     stage2_short_cycles: int | None = setting(
         None,
-        "Stage 2 (the whole run with one stage) begins with N one-epoch cosines, each from "
-        "the peak down to --min-lr, then one cosine over the rest: each of those epochs "
-        "ends on settled weights; 0 = one cosine over stage 2.",
+        "Stage 2 begins with N one-epoch cosines, each from the peak down to --min-lr, "
+        "then one cosine over the rest: the epochs after the switch end on settled "
+        "weights; 0 = one cosine over stage 2. Two stages only.",
         min=0,
         panel=SCHEDULE,
     )
@@ -409,7 +409,12 @@ class TrainConfig:
                 f"stage ({min(stages)} epochs; each stage warms up anew): give at most "
                 f"{min(stages)}"
             )
-        if self.stage2_short_cycles and stage2 > 1 and self.warmup_epochs >= 1:
+        if (
+            self.stage1_epochs
+            and self.stage2_short_cycles
+            and stage2 > 1
+            and self.warmup_epochs >= 1
+        ):
             raise RecuError(
                 f"--warmup-epochs {self.warmup_epochs:g} fills stage 2's first one-epoch "
                 f"cosine (--stage2-short-cycles {self.stage2_short_cycles}): give a warm-up "
