@@ -220,25 +220,28 @@ def test_min_lr_above_stage_twos_peak_is_refused() -> None:
     one_stage.validate()  # no stage 2 of its own: the scale does nothing
 
 
+def scheduled_lrs(cfg: TrainConfig, steps: int, stage: int = 2, spe: int = 4) -> list[float]:
+    """The learning rate of each of a stage's first `steps` updates, `spe` steps an epoch."""
+    from recu_cli.training.optim import build_scheduler
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.base_lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=spe, stage=stage)
+    seen = []
+    for k in range(steps):
+        sched.step_update(k)
+        seen.append(opt.param_groups[0]["lr"])
+    return seen
+
+
 def test_stage2_short_cycles_by_hand() -> None:
     """--stage2-short-cycles over a 3-epoch stage 2 of 4 steps an epoch: K one-epoch
     cosines lr(k) = peak/2 (1 + cos(pi k / 4)), then one cosine over the rest; stage 1
     keeps its one cosine; steps past the stage stay at --min-lr."""
-    from recu_cli.training.optim import build_scheduler
-
     peak = 8e-3
     epoch = [8e-3, 6.828427124746190e-3, 4e-3, 1.171572875253810e-3]  # by hand
     two_epochs = [8e-3, 7.695518130045147e-3, 6.828427124746190e-3, 5.530733729460359e-3]
     two_epochs += [4e-3, *(peak - v for v in reversed(two_epochs[1:]))]  # cos(pi-x) = -cos x
-
-    def lrs(cfg: TrainConfig, steps: int, stage: int = 2, spe: int = 4) -> list[float]:
-        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-        sched = build_scheduler(opt, cfg, steps_per_epoch=spe, stage=stage)
-        seen = []
-        for k in range(steps):
-            sched.step_update(k)
-            seen.append(opt.param_groups[0]["lr"])
-        return seen
+    lrs = scheduled_lrs
 
     def cfg(**kw) -> TrainConfig:
         return TrainConfig(model="m", data="d", epochs=4, stage1_epochs=1, lr=peak, **kw)
@@ -264,7 +267,6 @@ def test_stage2_short_cycles_take_a_warm_up_of_less_than_their_epoch() -> None:
     """A warm-up opens the first one-epoch cosine (which still ends with its epoch); one of
     a whole epoch or more would fill it, and is refused."""
     from recu_cli.errors import RecuError
-    from recu_cli.training.optim import build_scheduler
 
     def cfg(**kw) -> TrainConfig:
         return TrainConfig(model="m", data="d", epochs=6, stage1_epochs=2, lr=8e-3, **kw)
@@ -279,12 +281,7 @@ def test_stage2_short_cycles_take_a_warm_up_of_less_than_their_epoch() -> None:
                 warmup_epochs=1.0).validate()  # a 1-epoch stage 2 is its one cosine  # fmt: skip
     TrainConfig(model="m", data="d", epochs=6, stage1_epochs=0, stage2_short_cycles=1,
                 warmup_epochs=1.0).validate()  # one stage: no short cycles  # fmt: skip
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=8e-3)
-    sched = build_scheduler(opt, cfg(stage2_short_cycles=1, warmup_epochs=0.5), 4, stage=2)
-    seen = []
-    for k in range(6):
-        sched.step_update(k)
-        seen.append(opt.param_groups[0]["lr"])
+    seen = scheduled_lrs(cfg(stage2_short_cycles=1, warmup_epochs=0.5), 6)
     # by hand: warm-up from 1e-6 over 2 steps, the cosine over the other 2 (8e-3, 4e-3),
     # then the next cycle at the peak, with no warm-up of its own
     want = [1e-6, 1e-6 + (8e-3 - 1e-6) / 2, 8e-3, 4e-3, 8e-3]
