@@ -409,17 +409,18 @@ class TrainConfig:
                 f"stage ({min(stages)} epochs; each stage warms up anew): give at most "
                 f"{min(stages)}"
             )
-        if (
-            self.stage1_epochs
-            and self.stage2_short_cycles
-            and stage2 > 1
-            and self.warmup_epochs >= 1
-        ):
+        if self.short_cycles_in_use and stage2 > 1 and self.warmup_epochs >= 1:
             raise RecuError(
                 f"--warmup-epochs {self.warmup_epochs:g} fills stage 2's first one-epoch "
                 f"cosine (--stage2-short-cycles {self.stage2_short_cycles}): give a warm-up "
                 "under 1 epoch, or --stage2-short-cycles 0"
             )
+
+    @property
+    def short_cycles_in_use(self) -> int:
+        """Stage 2's one-epoch cosines: --stage2-short-cycles in a two-stage run, none with
+        one stage (no switch whose weights they would settle)."""
+        return self.stage2_short_cycles if self.stage1_epochs else 0
 
     @property
     def base_lr(self) -> float:

@@ -161,10 +161,9 @@ def set_stage_peaks(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: i
 
 def cycle_bounds(cfg: TrainConfig, stage: int, total: int, steps_per_epoch: int) -> list[int]:
     """The steps (from the stage's start) where its cosines begin: stage 2's
-    --stage2-short-cycles one-epoch cycles (two stages only: they settle the weights after
-    the switch), then the rest; a cycle past `total` (a stage cut by --max-steps) is
-    dropped, so the last one kept ends there."""
-    short = cfg.stage2_short_cycles if stage == 2 and cfg.stage1_epochs else 0
+    one-epoch cycles (TrainConfig.short_cycles_in_use), then the rest; a cycle past `total`
+    (a stage cut by --max-steps) is dropped, so the last one kept ends there."""
+    short = cfg.short_cycles_in_use if stage == 2 else 0
     starts = [k * steps_per_epoch for k in range(short + 1)]
     return [s for s in starts if s < total] or [0]
 
