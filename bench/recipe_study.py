@@ -99,6 +99,9 @@ VARIANTS: dict[str, list[str]] = {
     # still ends with a 3-epoch cosine
     "kd-t2-split2": [*KD2, "--stage1-epochs", "2"],
     "kd-t2-split2-cyc12": [*KD2, "--stage1-epochs", "2", "--stage2-short-cycles", "1"],
+    # results.md's sixth round: the other groups' rate doubled (halving it lost 1.1 on all
+    # images), and the temperature doubled again (kd-t4, above)
+    "kd-t2-olr6": [*KD2, "--other-lr-scale", "6"],
 }
 
 
