@@ -26,7 +26,7 @@ OPTIMIZERS = tuple(PAPER_LR)
 # Levers added after runs were saved without them, and the value those runs trained with:
 # a run's config.json without the key (--resume, --config RUN/config.json) gets it, so the
 # run is reproduced; a fresh run, or a config file of the user's own, takes the recipe's.
-ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset", "stage2_short_cycles": 0}
+ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset", "stage2_short_cycles": 0, "ema_decay": 0.0}
 COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
 DISTILL, RUN = "Distillation", "Run, output and speed"
@@ -117,6 +117,25 @@ class TrainConfig:
         "then one cosine over the rest: the epochs after the switch end on settled "
         "weights; 0 = one cosine over stage 2. Two stages only.",
         min=0,
+        panel=SCHEDULE,
+    )
+    ema_decay: float | None = setting(
+        None,
+        "Validate and pack an exponential moving average of the weights with this decay "
+        "(restarted at each stage, warmed up by --ema-warmup-power), not the last step's "
+        "weights; 0 = the last step's.",
+        min=0.0,
+        max=1.0,
+        below=True,
+        panel=SCHEDULE,
+    )
+    ema_warmup_power: float = setting(
+        2 / 3,
+        "The average's warm-up: update k of a stage uses the decay min(--ema-decay, "
+        "1 - k^-P); 1 = the plain mean of the stage's weights until the decay is reached.",
+        min=0.0,
+        max=1.0,
+        above=True,
         panel=SCHEDULE,
     )
     max_steps: int | None = setting(

@@ -81,6 +81,8 @@ class EpochLoop:
                 layer.reset_alpha_from_latent()
             if cfg.switch_moments == "reset":
                 restart_moments(parts.optimizer, in_place=parts.fast is not None)
+            if parts.average is not None:  # an average across the switch blends two networks
+                parts.average.restart(parts.model)
             self.run.log(f"stage 2 from epoch {state.pos.epoch + 1}: binary weights (ReCU)")
         start = planned_start
         if switching:  # here and now: after an epoch cut by --max-steps, before `start`
@@ -155,6 +157,8 @@ class EpochLoop:
                 set_tau(parts.model, tau_at(cfg, steps_per_epoch, epoch, pos.step_in_epoch))
             self._switch_schedule()
             loss = train_step(cfg, parts, images, targets)
+            if parts.average is not None:
+                parts.average.update(parts.model)
             images_seen += images.shape[0]
             steps_here += 1
             pos.step_in_epoch += 1
@@ -241,16 +245,23 @@ class EpochLoop:
 
     def _end_epoch(self, seconds: float, images_seen: int) -> None:
         """Validate, record the row, write checkpoints, resume point and summary.csv (last:
-        it never lists an epoch that is not saved), then the epoch's line."""
+        it never lists an epoch that is not saved), then the epoch's line. With
+        --ema-decay the average is validated and packed, and the last step's weights are
+        validated too (val_top1_live)."""
         cfg, parts, state = self.cfg, self.parts, self.state
         if state.stage == 2:  # binary weights, also where --max-steps cut a ramp short:
             set_weight_mix(parts.model, 1.0)  # what is validated is what is packed
+        packed = parts.packed_model()
         if state.pos.epoch + 1 == cfg.epochs and cfg.bn_recalib:
-            self._reestimate_batchnorm()
+            self._reestimate_batchnorm(packed)
         sync_buffers(parts.model, self.info)
-        val = validate(parts, self.info, cfg.channels_last)
+        live = None
+        if packed is not parts.model:
+            sync_buffers(packed, self.info)
+            live = validate(parts, self.info, cfg.channels_last)
+        val = validate(parts, self.info, cfg.channels_last, model=packed)
         warmup = parts.fast.take_warmup() if parts.fast is not None else (0.0, 0)
-        row = epoch_row(parts, state, self.info, val, seconds, images_seen, warmup)
+        row = epoch_row(parts, state, self.info, val, seconds, images_seen, warmup, live)
         state.history.append(row)
         state.pos.epoch += 1
         state.pos.step_in_epoch = 0
@@ -275,21 +286,23 @@ class EpochLoop:
             "data": parts.data.source,
             "config": cfg.to_dict(),
         }
+        packed = parts.packed_model()
         is_best = self.run.keep_epoch(
-            row["val_top1"], state.pos.best_top1, parts.model, parts.spec, cfg.convert,
-            stats=model_stats(parts.model) if self.info.is_main else [],  # only it writes
+            row["val_top1"], state.pos.best_top1, packed, parts.spec, cfg.convert,
+            stats=model_stats(packed) if self.info.is_main else [],  # only it writes
             training=training, history=state.history, half=cfg.half, keep_latent=cfg.keep_latent,
         )  # fmt: skip
         if is_best:
             state.pos.best_top1 = row["val_top1"]
         return is_best
 
-    def _reestimate_batchnorm(self) -> None:
-        """BatchNorm statistics recomputed on training images with the final weights."""
+    def _reestimate_batchnorm(self, model: torch.nn.Module) -> None:
+        """BatchNorm statistics recomputed on training images with the final weights (of
+        the model that is packed)."""
         from recu_cli.calibrate import image_batches, reestimate_batchnorm
 
         self.parts.sampler.set_epoch(self.cfg.epochs, 0)
         with torch.random.fork_rng(devices=[]):
             batches = image_batches(self.parts.train_loader, self.cfg.bn_recalib)
-            used = reestimate_batchnorm(self.parts.model, batches, self.parts.device)
+            used = reestimate_batchnorm(model, batches, self.parts.device)
         self.run.log(f"BatchNorm statistics re-estimated on {used} training batches")

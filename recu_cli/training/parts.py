@@ -22,6 +22,7 @@ from recu_cli.fastdata.choice import DataPathChoice, choose
 from recu_cli.imagecheck import check_tree, collate
 from recu_cli.models.create import create_model, reset_head
 from recu_cli.spec import ModelSpec
+from recu_cli.training.average import WeightAverage
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo
@@ -53,18 +54,26 @@ class Parts:
     data_path: DataPathChoice | None = None  # which loaders (fastdata/choice.py) and why
     fast: Any = None  # --compile: the compiled (CUDA-graph) step, training/fast_step.py
     sign_penalty: SignPenalty | None = None  # --binarize-penalty's weight (training/switch.py)
+    average: WeightAverage | None = None  # --ema-decay's average (training/average.py)
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
 
+    def packed_model(self) -> nn.Module:
+        """What is validated and packed: the average with --ema-decay, else the model."""
+        return self.model if self.average is None else self.average.synced(self.model)
+
     def state_dicts(self) -> dict[str, Any]:
         """What resume.pt holds of the parts (loaded back by the trainer)."""
-        return {
+        saved = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        if self.average is not None:
+            saved["average"] = self.average.state_dict()
+        return saved
 
 
 def build_parts(
@@ -108,10 +117,11 @@ def build_parts(
     log(data_path.line)
     optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, info))
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
+    average = WeightAverage(model, cfg.ema_decay, cfg.ema_warmup_power) if cfg.ema_decay else None
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
         optimizer, scaler, amp_dtype, teacher, _feature_taps(cfg, model, teacher), original,
-        data_path, sign_penalty=_sign_penalty(cfg, device),
+        data_path, sign_penalty=_sign_penalty(cfg, device), average=average,
     )  # fmt: skip
 
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 SUMMARY_FIELDS = [
     "epoch", "stage", "lr", "tau", "train_loss", "val_top1", "val_top5", "val_loss", "dead_share",
     "flip_rate", "flip_rate_tail", "flip_rate_core", "seconds", "img_per_s", "skipped_images",
-    "sign_gap",
+    "sign_gap", "val_top1_live",
 ]  # fmt: skip
 # files a fresh run writes before its first resume point (removed when its start fails)
 START_FILES = ("config.json", "train.log", "summary.csv", LOCK_NAME)

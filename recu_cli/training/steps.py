@@ -106,11 +106,13 @@ def validate(
 
 def epoch_row(
     parts: Parts, state: TrainState, info: DistInfo, val: EvalResult, seconds: float,
-    images_seen: int, warmup: tuple[float, int] = (0.0, 0),
+    images_seen: int, warmup: tuple[float, int] = (0.0, 0), live: EvalResult | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The epoch's summary.csv row (collective: every rank calls it). `seconds` is the
     epoch's wall time; img/s leaves out `warmup` (--compile's compile and capture steps:
-    seconds, images), which train.log states once."""
+    seconds, images), which train.log states once. `val` is the packed model's (the
+    --ema-decay average, whose dead weights are counted too), `live` the last step's
+    weights' where they differ; flips and the sign gap are the training weights'."""
     from recu_cli.stats import dead_weight_counts, share_of, to_host
 
     with torch.no_grad():  # a statistic: no graph for the gap's weight path
@@ -119,7 +121,7 @@ def epoch_row(
     weights = to_host(  # the weight statistics, computed on the device, read in one transfer
         {
             "tau": binary_layers(parts.model)[0][1].tau,
-            "dead": dead_weight_counts(parts.model),
+            "dead": dead_weight_counts(parts.packed_model()),
             "flips": state.flips.count_tensor(parts.model),
             "gap": gap,
         }
@@ -133,6 +135,7 @@ def epoch_row(
         "val_top1": val.top1,
         "val_top5": val.top5,
         "val_loss": val.loss,
+        "val_top1_live": (val if live is None else live).top1,
         "dead_share": share_of(weights["dead"]),
         **FlipTracker.rates_from(weights["flips"]),
         "seconds": seconds,

@@ -88,6 +88,8 @@ class Trainer:
             self.run.write_config(cfg.to_dict(), self.parts.spec, self._data_path())
             with torch.random.fork_rng(devices=[]):  # leaves the training RNG stream as it was
                 self.state.step0 = self._start_model(self.parts.original)
+            if self.parts.average is not None:  # the calibrated thresholds
+                self.parts.average.restart(self.parts.model)
         self.parts.original = None
         self.parts.fast = make_fast_step(cfg, self.info, self.parts, log)
         # where this process starts training (the result's `resumed_from`): the proof that
@@ -129,6 +131,8 @@ class Trainer:
             check_world_size(self.run_dir, saved.get("world_size"), self.info.world_size)
             self.parts.model.load_state_dict(saved["model"])
             self.parts.optimizer.load_state_dict(saved["optimizer"])
+            if self.parts.average is not None:
+                self.parts.average.load_state_dict(saved["average"])
             settle_optimizer(self.parts.optimizer)  # this run's fused/capturable flags
             self._load_scaler(saved.get("scaler") or {})
         except RecuError:
