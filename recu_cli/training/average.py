@@ -38,8 +38,8 @@ class WeightAverage:
         from timm.utils import ModelEmaV3
 
         self.ema = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=warmup_power)
-        for module in self.ema.module.modules():  # a copy made after the feature taps
-            module._forward_hooks.clear()  # would feed the student's taps on validation
+        for module in self.ema.module.modules():  # a deep copy keeps forward hooks: those
+            module._forward_hooks.clear()  # of the feature taps would see its validation
         self.ema.module.requires_grad_(False)
         self.updates = 0
 
