@@ -109,6 +109,18 @@ VARIANTS: dict[str, list[str]] = {
     "kd-t2-ema-p0.67": [*KD2, "--ema-decay", "0.999", "--ema-warmup-power", "0.6667"],
     "kd-t2-ema-p0.75": [*KD2, "--ema-decay", "0.999", "--ema-warmup-power", "0.75"],
     "kd-t2-ema-mean": [*KD2, "--ema-decay", "0.998", "--ema-warmup-power", "1"],
+    # results.md's eighth round: the average's memory follows the learning rate, so it
+    # becomes the last step's weights where the cosine ends (--ema-memory lr)
+    "kd-t2-ema-lr": [*KD2, "--ema-decay", "0.999", "--ema-memory", "lr"],
+    "kd-t2-ema-lr-p0.75": [
+        *KD2,
+        "--ema-decay",
+        "0.999",
+        "--ema-memory",
+        "lr",
+        "--ema-warmup-power",
+        "0.75",
+    ],
 }
 
 

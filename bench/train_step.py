@@ -29,28 +29,32 @@ from recu_cli.bnn import binary_layers, convert_model
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.runtime.allocator import keep_freed_memory
+from recu_cli.training.average import WeightAverage
 from recu_cli.training.switch import model_sign_gap
 
 CASES = (("resnet20", 32, 128), ("resnet18", 224, 16))
 FINETUNE = ConvertConfig(activation="prelu", act_threshold="median", tau=0.85)
-# (label, conversion, weight mix, stage-1 penalty?): the paper's layer, and the finetune
-# recipe's in both stages and at its switch (training/switch.py: the penalty's extra term in
-# stage 1, the ramp's blend of both weight paths at the start of stage 2)
+# (label, conversion, weight mix, stage-1 penalty?, moving average?): the paper's layer, and
+# the finetune recipe's in both stages and at its switch (training/switch.py: the penalty's
+# extra term in stage 1, the ramp's blend of both weight paths at the start of stage 2), and
+# its stage-2 step followed by the update of the weights' moving average (--ema-decay)
 VARIANTS = (
-    ("recu paper", ConvertConfig(tau=0.85), 1.0, False),
-    ("recu finetune stage 1", FINETUNE, 0.0, False),
-    ("recu finetune stage 1 + penalty", FINETUNE, 0.0, True),
-    ("recu finetune ramp (mix 0.5)", FINETUNE, 0.5, False),
-    ("recu finetune stage 2", FINETUNE, 1.0, False),
+    ("recu paper", ConvertConfig(tau=0.85), 1.0, False, False),
+    ("recu finetune stage 1", FINETUNE, 0.0, False, False),
+    ("recu finetune stage 1 + penalty", FINETUNE, 0.0, True, False),
+    ("recu finetune ramp (mix 0.5)", FINETUNE, 0.5, False, False),
+    ("recu finetune stage 2", FINETUNE, 1.0, False, False),
+    ("recu finetune stage 2 + average", FINETUNE, 1.0, False, True),
 )
 
 
 def make_step(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, compiled: bool = False,
-    penalty: bool = False,
+    penalty: bool = False, average: bool = False,
 ):  # fmt: skip
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    ema = WeightAverage(model, 0.999, 2 / 3, follow_lr=True) if average else None
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(model(x), y)
@@ -62,6 +66,8 @@ def make_step(
         opt.zero_grad(set_to_none=True)
         loss_fn(x, y).backward()
         opt.step()
+        if ema is not None:
+            ema.update(model, lr_share=0.5)  # a fractional keep: the lerp runs in full
 
     return step
 
@@ -99,14 +105,14 @@ def main() -> None:
         x = torch.randn(batch, 3, size, size)
         y = torch.randint(0, 10, (batch,))
         steps = {"fp32": make_step(fp, x, y)}
-        for label, config, mix, penalty in VARIANTS:
+        for label, config, mix, penalty, average in VARIANTS:
             bnn, _ = create_model(name, num_classes=10)
             bnn.load_state_dict(fp.state_dict())
             bnn, _ = convert_model(bnn, config)
             for _, layer in binary_layers(bnn):
                 layer.set_weight_mix(mix)
-            steps[label] = make_step(bnn, x, y, penalty=penalty)
-            if args.compile and mix == 1.0:  # compiled, every stage is one graph
+            steps[label] = make_step(bnn, x, y, penalty=penalty, average=average)
+            if args.compile and mix == 1.0 and not average:  # compiled: one graph a stage
                 twin = copy.deepcopy(bnn)
                 steps[label + " compiled"] = make_step(twin, x, y, compiled=True)
         if args.compile:

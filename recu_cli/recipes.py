@@ -53,6 +53,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "stage2_short_cycles": 0,
         "ema_decay": 0.0,  # issue 27, seventh round: the average meets the switch-drop
         # target, but ends 0.4 below the last step's weights
+        "ema_memory": "fixed",
         "kd_temperature": 2.0,  # issue 27, third round: 1 -> 2 (soft labels of a teacher
         # that saw these images are nearly one-hot at T = 1)
         "feature_kd": 3.0,
@@ -70,6 +71,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "stage2_lr_scale": 1.0,  # one stage: no stage 2 of its own
         "stage2_short_cycles": 0,
         "ema_decay": 0.0,
+        "ema_memory": "fixed",
         "kd_temperature": 1.0,
         "feature_kd": 0.0,
         "other_lr_scale": 1.0,

@@ -1,5 +1,6 @@
 """--ema-decay (training/average.py): the average's decays and values by hand, its restart
-at each stage, what a run validates and packs with it, exact resume inside it."""
+at each stage, what a run validates and packs with it, exact resume inside it; --ema-memory
+lr: the memory that follows the learning rate, by hand and in a run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from recu_cli.pack.packed_file import parse
 from recu_cli.pack.rebuild import latent_layers
 from recu_cli.training import TrainConfig, Trainer
 from recu_cli.training.average import WeightAverage
+from recu_cli.training.optim import lr_share
 from tests.resume_checks import assert_fresh_run
 from tests.test_recipe import finetune_config
 from tests.test_switch import STEPS, ctrl_c_then_resume_equals_straight
@@ -52,6 +54,41 @@ def test_decays_and_average_by_hand() -> None:
     # 1 - 2^-0.5, 1 - 3^-0.5: the warm-up, far below D
     assert shorter.decay_at(2) == pytest.approx(0.2928932188134524, rel=1e-12)
     assert shorter.decay_at(3) == pytest.approx(0.4226497308103742, rel=1e-12)
+
+
+def test_a_memory_that_follows_the_learning_rate_by_hand() -> None:
+    """--ema-memory lr: keep_k = max(0, 1 - (1 - d_k) / r_k), r_k the rate's share of its
+    peak; at the full rate the plain decay, at a small one the live weights."""
+    model = tiny()
+    average = WeightAverage(model, decay=0.6, warmup_power=1.0, follow_lr=True)
+    # d_2 = 0.5: r = 1 -> 0.5; r = 0.8 -> 1 - 0.5 / 0.8 = 0.375; r = 0.5 -> 0; r = 0.4 -> 0
+    assert average.keep_at(2, 1.0) == pytest.approx(0.5)
+    assert average.keep_at(2, 0.8) == pytest.approx(0.375)
+    assert average.keep_at(2, 0.5) == 0.0 and average.keep_at(2, 0.4) == 0.0
+    assert average.keep_at(3, 0.0) == 0.0  # a rate of zero: the live weights
+    # d_3 = d_4 = 0.6 (the cap): r = 0.8 -> 1 - 0.4 / 0.8 = 0.5
+    assert average.keep_at(4, 0.8) == pytest.approx(0.5)
+    assert WeightAverage(model, 0.6, 1.0).keep_at(2, 0.8) == pytest.approx(0.5)  # fixed
+    seen = []
+    for v, share in ((1.0, 1.0), (3.0, 0.8), (5.0, 0.8), (7.0, 0.3)):
+        set_values(model, v, 10 * v)
+        average.update(model, share)
+        seen.append((average.module[0].weight.item(), average.module[1].running_mean.item()))
+    # by hand: 1 (copied); .375*1 + .625*3 = 2.25; .5*2.25 + .5*5 = 3.625; 7 (keep 0)
+    want = [1.0, 2.25, 3.625, 7.0]
+    assert [w for w, _ in seen] == pytest.approx(want, rel=1e-6)
+    assert [m for _, m in seen] == pytest.approx([10 * w for w in want], rel=1e-6)
+    assert seen[-1] == (7.0, 70.0)  # keep 0 is the live weights to the bit
+
+
+def test_the_lr_share_is_the_rate_over_its_stage_peak() -> None:
+    weight = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([{"params": [weight], "lr": 0.03}])
+    assert lr_share(optimizer) == 1.0  # no scheduler yet: the rate is its own peak
+    optimizer.param_groups[0]["initial_lr"] = 0.04
+    assert lr_share(optimizer) == pytest.approx(0.75)
+    optimizer.param_groups[0]["lr"] = 0.05  # above the peak (a warm-up overshoot): 1
+    assert lr_share(optimizer) == 1.0
 
 
 def test_restart_takes_the_live_model_and_the_next_update_copies_it() -> None:
@@ -154,7 +191,67 @@ def test_ctrl_c_inside_the_averaged_stage_resumes_to_the_bit(
     assert cut[0] == cut[1]  # epoch .. val_loss: the averaged top-1 of both epochs
 
 
+def test_a_run_feeds_each_update_the_rate_of_its_step_and_ends_on_the_live_weights(
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
+    monkeypatch,
+) -> None:
+    """--ema-memory lr in a 1 + 1 run: each stage's first update sees its step's rate, the
+    peak (share 1, not the next step's), the shares fall with the cosine, and where the
+    cosine reaches zero the packed model is the last step's weights."""
+    shares: list[tuple[int, float]] = []
+    real_update = WeightAverage.update
+
+    def spy(self, model, lr_share: float = 1.0) -> None:
+        shares.append((self.updates + 1, lr_share))
+        real_update(self, model, lr_share)
+
+    monkeypatch.setattr(WeightAverage, "update", spy)
+    cfg = ema_config(small_cifar, resnet20_weights, tmp_path, "lr", ema_memory="lr")
+    trainer = Trainer(cfg, quiet=True)
+    trainer.fit()
+    assert [k for k, _ in shares] == [*range(1, STEPS + 1)] * 2
+    for stage in (shares[:STEPS], shares[STEPS:]):
+        values = [share for _, share in stage]
+        assert values[0] == 1.0 and values == sorted(values, reverse=True), values
+        assert 0 < values[-1] < 0.1  # the cosine's last step, not yet zero
+    rows = list(csv.DictReader((tmp_path / "lr" / "summary.csv").open()))
+    assert all(r["val_top1"] == r["val_top1_live"] for r in rows)  # keep 0 at the end
+    packed, _ = parse(tmp_path / "lr" / "last.safetensors")
+    live = dict(binary_layers(trainer.parts.model))
+    for name, layer in latent_layers(packed).items():
+        assert torch.equal(layer.weight, live[name].weight), name
+
+
+def test_ctrl_c_inside_a_stage_resumes_the_lr_following_average_to_the_bit(
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
+) -> None:
+    """With --min-lr above zero the average never becomes the live weights, so the packed
+    file at the end shows every update's rate: Ctrl-C three steps into stage 2, --resume,
+    and the average and the packed file equal those of a run never stopped."""
+
+    def config(name: str) -> TrainConfig:
+        kw = {"ema_memory": "lr", "min_lr": 4e-3, "ema_decay": 0.99}
+        return ema_config(small_cifar, resnet20_weights, tmp_path, name, **kw)
+
+    straight = Trainer(config("straight"), quiet=True)
+    straight.fit()
+    live = dict(binary_layers(straight.parts.model))
+    packed, _ = parse(tmp_path / "straight" / "last.safetensors")
+    stored = latent_layers(packed)
+    assert any(not torch.equal(stored[n].weight, live[n].weight) for n in stored)
+    ctrl_c_then_resume_equals_straight(config, tmp_path, STEPS + 3, 2 * STEPS)
+    a, b = (
+        torch.load(tmp_path / n / "resume.pt", map_location="cpu", weights_only=True)["average"]
+        for n in ("straight", "broken")
+    )
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_runs_saved_before_the_average_resume_without_it() -> None:
     cfg = TrainConfig.from_dict({"model": "resnet20", "data": "d", "recipe": "finetune"})
-    assert cfg.ema_decay == 0.0
+    assert cfg.ema_decay == 0.0 and cfg.ema_memory == "fixed"
     assert TrainConfig(model="m", data="d", recipe="paper").ema_decay == 0.0

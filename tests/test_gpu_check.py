@@ -74,11 +74,12 @@ def test_dry_run_exercises_the_step_equal_and_profile_parts_on_the_cpu(tmp_path)
         (layer, mode)
         for layer in ("float", "recu paper", "recu finetune")
         for mode in ("eager", "compiled")
-    }
+    } | {("recu finetune", "compiled+average")}
     assert all(r["ms"] > 0 and r["loss_finite"] for r in rows)
-    compiled = [r for r in rows if r["mode"] == "compiled"]
+    compiled = [r for r in rows if r["mode"].startswith("compiled")]
     assert all(r["path"] == "compiled + replayed step (CPU)" for r in compiled)
     assert any("recu finetune compiled <= 1.5x float eager" in t for t in report["targets"])
+    assert any("compiled+average <= 1.1x compiled: " in t for t in report["targets"])
     assert report["equal"]["graph_equals_compiled"]
     # stage 2 moves the latent weights of every path alike (the first GPU run's compiled
     # step did not move them at all)

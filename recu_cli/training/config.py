@@ -26,7 +26,9 @@ OPTIMIZERS = tuple(PAPER_LR)
 # Levers added after runs were saved without them, and the value those runs trained with:
 # a run's config.json without the key (--resume, --config RUN/config.json) gets it, so the
 # run is reproduced; a fresh run, or a config file of the user's own, takes the recipe's.
-ABSENT_FROM_OLDER_RUNS = {"switch_moments": "reset", "stage2_short_cycles": 0, "ema_decay": 0.0}
+ABSENT_FROM_OLDER_RUNS = {
+    "switch_moments": "reset", "stage2_short_cycles": 0, "ema_decay": 0.0, "ema_memory": "fixed",
+}  # fmt: skip
 COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
 DISTILL, RUN = "Distillation", "Run, output and speed"
@@ -127,6 +129,14 @@ class TrainConfig:
         min=0.0,
         max=1.0,
         below=True,
+        panel=SCHEDULE,
+    )
+    ema_memory: str | None = setting(
+        None,
+        "How long the average remembers: 'fixed', 1/(1 - decay) updates; 'lr', that times "
+        "the learning rate's share of the stage's peak, so the average becomes the last "
+        "step's weights where a cosine ends.",
+        choices=("fixed", "lr"),
         panel=SCHEDULE,
     )
     ema_warmup_power: float = setting(

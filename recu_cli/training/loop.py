@@ -13,7 +13,13 @@ from recu_cli.imagecheck import bad_of
 from recu_cli.stats import model_stats
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distributed import DistInfo, all_reduce_sum, barrier, shutdown, sync_buffers
-from recu_cli.training.optim import build_scheduler, restart_moments, stage_bounds, tau_at
+from recu_cli.training.optim import (
+    build_scheduler,
+    lr_share,
+    restart_moments,
+    stage_bounds,
+    tau_at,
+)
 from recu_cli.training.parts import Parts
 from recu_cli.training.run_folder import RunFolder
 from recu_cli.training.signals import StopOnSigint
@@ -157,8 +163,8 @@ class EpochLoop:
                 set_tau(parts.model, tau_at(cfg, steps_per_epoch, epoch, pos.step_in_epoch))
             self._switch_schedule()
             loss = train_step(cfg, parts, images, targets)
-            if parts.average is not None:
-                parts.average.update(parts.model)
+            if parts.average is not None:  # this step's rate: before the scheduler moves it
+                parts.average.update(parts.model, lr_share(parts.optimizer))
             images_seen += images.shape[0]
             steps_here += 1
             pos.step_in_epoch += 1

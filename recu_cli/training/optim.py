@@ -159,6 +159,15 @@ def set_stage_peaks(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stage: i
         group["initial_lr"] = peak * scale
 
 
+def lr_share(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate's share of its stage's peak, in (0, 1] while the cosine runs: every
+    group follows the same schedule, so the first (the latent binary weights) speaks for
+    all. A host-side float (group["lr"] is a Python float outside a graph capture)."""
+    group = optimizer.param_groups[0]
+    peak = float(group.get("initial_lr", group["lr"]))
+    return min(1.0, float(group["lr"]) / peak) if peak > 0 else 1.0
+
+
 def cycle_bounds(cfg: TrainConfig, stage: int, total: int, steps_per_epoch: int) -> list[int]:
     """The steps (from the stage's start) where its cosines begin: stage 2's
     one-epoch cycles (TrainConfig.short_cycles_in_use), then the rest; a cycle past `total`

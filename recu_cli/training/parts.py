@@ -117,7 +117,10 @@ def build_parts(
     log(data_path.line)
     optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, info))
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
-    average = WeightAverage(model, cfg.ema_decay, cfg.ema_warmup_power) if cfg.ema_decay else None
+    average = None
+    if cfg.ema_decay:
+        follow_lr = cfg.ema_memory == "lr"
+        average = WeightAverage(model, cfg.ema_decay, cfg.ema_warmup_power, follow_lr)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
         optimizer, scaler, amp_dtype, teacher, _feature_taps(cfg, model, teacher), original,
