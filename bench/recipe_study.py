@@ -11,8 +11,9 @@ is all 45,000); validation: the full val/ split. Prints a markdown table; JSON i
     python bench/recipe_study.py --per-class 4500 --only finetune plain --seeds 42 43
 
 The rows of docs/results.md measured before issue 27 ran with the finetune default of the
-time: add `-- --lr 2e-3 --switch-moments reset --kd-temperature 1` to rerun them (the
-issue-27 candidates carry the default they were measured on already).
+time: add `-- --lr 2e-3 --switch-moments reset --kd-temperature 1 --ema-decay 0` to rerun
+them (the issue-27 candidates carry the default they were measured on already: those of
+its first seven rounds packed the last step's weights, `--ema-decay 0`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ T1 = ["--kd-temperature", "1"]
 BEFORE_27 = ["--lr", "2e-3", "--switch-moments", "reset", *T1]
 LR4 = ["--lr", "4e-3", *T1]  # the default of the first issue-27 round
 LR8 = ["--lr", "8e-3", *T1]  # the default of the second round
-KD2 = ["--lr", "8e-3", "--kd-temperature", "2"]  # the default of the third round
+# the default of the third to the seventh round (no moving average: eighth round)
+KD2 = ["--lr", "8e-3", "--kd-temperature", "2", "--ema-decay", "0"]
+AVG = ["--lr", "8e-3", "--kd-temperature", "2"]  # KD2 for the average's own variants
+AVG7 = [*AVG, "--ema-memory", "fixed"]  # the seventh round's average (a fixed memory)
 THR = [*BASE, "--act", "prelu", "--act-threshold", "median", "--lr", "2e-3"]
 STAGES = [*THR, "--stage1-epochs", "3"]
 FKD = [*STAGES, "--feature-kd", "3"]
@@ -106,21 +110,21 @@ VARIANTS: dict[str, list[str]] = {
     # (--ema-decay; its cap is not reached in a 3-epoch stage, the warm-up power sets the
     # memory). The average changes no step: one run per seed measured all three side by
     # side, with the last step's weights (val_top1_live, the default's numbers)
-    "kd-t2-ema-p0.67": [*KD2, "--ema-decay", "0.999", "--ema-warmup-power", "0.6667"],
-    "kd-t2-ema-p0.75": [*KD2, "--ema-decay", "0.999", "--ema-warmup-power", "0.75"],
-    "kd-t2-ema-mean": [*KD2, "--ema-decay", "0.998", "--ema-warmup-power", "1"],
+    "kd-t2-ema-p0.67": [*AVG7, "--ema-decay", "0.999", "--ema-warmup-power", "0.6667"],
+    "kd-t2-ema-p0.75": [*AVG7, "--ema-decay", "0.999", "--ema-warmup-power", "0.75"],
+    "kd-t2-ema-mean": [*AVG7, "--ema-decay", "0.998", "--ema-warmup-power", "1"],
     # results.md's eighth round: the average's memory follows the learning rate, so it
-    # becomes the last step's weights where the cosine ends (--ema-memory lr)
-    "kd-t2-ema-lr": [*KD2, "--ema-decay", "0.999", "--ema-memory", "lr"],
-    "kd-t2-ema-lr-p0.75": [
-        *KD2,
+    # becomes the last step's weights where the cosine ends (--ema-memory lr); P = 0.75 is
+    # the new default ("finetune"), measured beside the P = 2/3 runs
+    "kd-t2-ema-lr-p0.67": [
+        *AVG,
         "--ema-decay",
         "0.999",
         "--ema-memory",
         "lr",
         "--ema-warmup-power",
-        "0.75",
-    ],
+        "0.6666666666666666",
+    ],  # 2/3 exactly
 }
 
 

@@ -120,7 +120,10 @@ def test_the_average_carries_no_forward_hook_of_the_live_model() -> None:
 
 
 def ema_config(data: Path, weights: Path, out: Path, name: str, **kw) -> TrainConfig:
-    settings = {"epochs": 2, "stage1_epochs": 1, "ema_decay": 0.9, "keep_latent": True, **kw}
+    settings = {
+        "epochs": 2, "stage1_epochs": 1, "ema_decay": 0.9, "ema_memory": "fixed",
+        "keep_latent": True, **kw,
+    }  # fmt: skip
     return finetune_config(data, weights, out, name, **settings)
 
 
@@ -254,4 +257,11 @@ def test_ctrl_c_inside_a_stage_resumes_the_lr_following_average_to_the_bit(
 def test_runs_saved_before_the_average_resume_without_it() -> None:
     cfg = TrainConfig.from_dict({"model": "resnet20", "data": "d", "recipe": "finetune"})
     assert cfg.ema_decay == 0.0 and cfg.ema_memory == "fixed"
+    assert TrainConfig(model="m", data="d", recipe="paper").ema_decay == 0.0
+
+
+def test_finetune_packs_an_average_that_follows_the_rate_and_paper_the_last_step() -> None:
+    """Issue 27's eighth round: the finetune default; the authors' recipe has no average."""
+    cfg = TrainConfig(model="m", data="d")
+    assert (cfg.ema_decay, cfg.ema_memory, cfg.ema_warmup_power) == (0.999, "lr", 0.75)
     assert TrainConfig(model="m", data="d", recipe="paper").ema_decay == 0.0

@@ -138,7 +138,7 @@ def test_kd_temperature_has_a_flag() -> None:
 ADDED_SINCE_0_1_0 = {
     "compile": "auto", "data_path": "auto", "binarize_penalty": 0.0, "binarize_ramp": 0.0,
     "switch_moments": "reset", "stage2_lr_scale": 1.0, "stage2_short_cycles": 0,
-    "ema_decay": 0.0, "ema_warmup_power": 2 / 3, "ema_memory": "fixed",
+    "ema_decay": 0.0, "ema_warmup_power": 0.75, "ema_memory": "fixed",
 }  # fmt: skip
 
 

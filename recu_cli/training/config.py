@@ -140,7 +140,7 @@ class TrainConfig:
         panel=SCHEDULE,
     )
     ema_warmup_power: float = setting(
-        2 / 3,
+        0.75,
         "The average's warm-up: update k of a stage uses the decay min(--ema-decay, "
         "1 - k^-P); 1 = the plain mean of the stage's weights until the decay is reached.",
         min=0.0,
