@@ -97,8 +97,8 @@ class WeightAverage:
         change in place (optimizer, load_state_dict, set_tau), so these views stay true, and a
         step does not rebuild two state_dicts."""
         if self._pairs is None:
-            mine = self.module.state_dict()  # detached: foreach's fused path takes no
-            theirs = model.state_dict()  # tensor that requires grad
+            mine = self.module.state_dict()  # detached views of the parameters and
+            theirs = model.state_dict()  # buffers: the same storage, as timm updates
             floats = [k for k, v in mine.items() if v.is_floating_point()]
             others = [k for k, v in mine.items() if not v.is_floating_point()]
             self._pairs = (
