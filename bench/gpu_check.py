@@ -190,8 +190,9 @@ def make_step(ctx: Context, cfg, parts, mode: str, graphs: bool = True, log=None
 
     if mode == "eager":
         return None, lambda x, y: apply_gradients(cfg, parts, forward_loss(cfg, parts, x, y))
-    if mode == "compiled+average":
-        return averaged_step(*make_step(ctx, cfg, parts, "compiled", graphs, log), parts)
+    if mode == "compiled+average":  # the average first, as build_parts makes it
+        average = new_average(parts.model)
+        return averaged_step(average, *make_step(ctx, cfg, parts, "compiled", graphs, log), parts)
     fast = FastStep(
         cfg, DistInfo(), parts, log or (lambda *a, **k: None), graphs=graphs,
         backend="eager" if ctx.dry else "inductor", runner=EagerRunner if ctx.dry else None,
@@ -200,13 +201,20 @@ def make_step(ctx: Context, cfg, parts, mode: str, graphs: bool = True, log=None
     return fast, fast.step
 
 
-def averaged_step(fast, step, parts):
+def new_average(model: torch.nn.Module):
+    """The finetune recipe's moving average of the weights (--ema-decay 0.999 --ema-memory
+    lr, the declared --ema-warmup-power)."""
+    from recu_cli.training.average import WeightAverage
+    from recu_cli.training.config import TrainConfig
+
+    cfg = TrainConfig(model="-", data="-")
+    return WeightAverage(model, cfg.ema_decay, cfg.ema_warmup_power, cfg.ema_memory == "lr")
+
+
+def averaged_step(average, fast, step, parts):
     """The step, then the update of the weights' moving average as the run's loop does it
     (outside the graph, with the step's learning-rate share: a host-side float)."""
-    from recu_cli.training.average import WeightAverage
     from recu_cli.training.optim import lr_share
-
-    average = WeightAverage(parts.model, decay=0.999, warmup_power=2 / 3, follow_lr=True)
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = step(x, y)

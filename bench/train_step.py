@@ -54,7 +54,7 @@ def make_step(
 ):  # fmt: skip
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    ema = WeightAverage(model, 0.999, 2 / 3, follow_lr=True) if average else None
+    ema = WeightAverage(model, 0.999, 0.75, follow_lr=True) if average else None  # finetune's
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(model(x), y)
