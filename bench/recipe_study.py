@@ -125,6 +125,11 @@ VARIANTS: dict[str, list[str]] = {
         "--ema-warmup-power",
         "0.6666666666666666",
     ],  # 2/3 exactly
+    # results.md's ninth round: stage 2's peak on either side of stage 1's, on top of
+    # today's default (the eighth round's; --stage2-lr-scale had been measured on the subset
+    # only, under the first round's lr 4e-3)
+    "ft-s2lr0.5": ["--stage2-lr-scale", "0.5"],
+    "ft-s2lr1.5": ["--stage2-lr-scale", "1.5"],
 }
 
 
