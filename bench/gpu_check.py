@@ -202,13 +202,11 @@ def make_step(ctx: Context, cfg, parts, mode: str, graphs: bool = True, log=None
 
 
 def new_average(model: torch.nn.Module):
-    """The finetune recipe's moving average of the weights (--ema-decay 0.999 --ema-memory
-    lr, the declared --ema-warmup-power)."""
-    from recu_cli.training.average import WeightAverage
+    """The finetune recipe's moving average of the weights, as build_parts makes it."""
+    from recu_cli.training.average import average_for
     from recu_cli.training.config import TrainConfig
 
-    cfg = TrainConfig(model="-", data="-")
-    return WeightAverage(model, cfg.ema_decay, cfg.ema_warmup_power, cfg.ema_memory == "lr")
+    return average_for(model, TrainConfig(model="-", data="-"))
 
 
 def averaged_step(average, fast, step, parts):

@@ -29,7 +29,8 @@ from recu_cli.bnn import binary_layers, convert_model
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.runtime.allocator import keep_freed_memory
-from recu_cli.training.average import WeightAverage
+from recu_cli.training.average import average_for
+from recu_cli.training.config import TrainConfig
 from recu_cli.training.switch import model_sign_gap
 
 CASES = (("resnet20", 32, 128), ("resnet18", 224, 16))
@@ -54,7 +55,9 @@ def make_step(
 ):  # fmt: skip
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    ema = WeightAverage(model, 0.999, 0.75, follow_lr=True) if average else None  # finetune's
+    # the finetune default's average (--ema-decay, --ema-memory, --ema-warmup-power), as the
+    # run builds it
+    ema = average_for(model, TrainConfig(model="-", data="-")) if average else None
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(model(x), y)

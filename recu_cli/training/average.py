@@ -31,13 +31,24 @@ live model when it is validated or packed (`synced`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from recu_cli.bnn import binary_layers, set_tau
 from recu_cli.training.switch import set_weight_mix
+
+if TYPE_CHECKING:
+    from recu_cli.training.config import TrainConfig
+
+
+def average_for(model: nn.Module, cfg: TrainConfig) -> WeightAverage | None:
+    """The run's average as its settings declare it (--ema-decay 0: none); the benches
+    build theirs here too, so they time the recipe's own."""
+    if not cfg.ema_decay:
+        return None
+    return WeightAverage(model, cfg.ema_decay, cfg.ema_warmup_power, cfg.ema_memory == "lr")
 
 
 class WeightAverage:

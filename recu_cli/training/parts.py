@@ -22,7 +22,7 @@ from recu_cli.fastdata.choice import DataPathChoice, choose
 from recu_cli.imagecheck import check_tree, collate
 from recu_cli.models.create import create_model, reset_head
 from recu_cli.spec import ModelSpec
-from recu_cli.training.average import WeightAverage
+from recu_cli.training.average import WeightAverage, average_for
 from recu_cli.training.config import TrainConfig
 from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo
@@ -117,10 +117,7 @@ def build_parts(
     log(data_path.line)
     optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, info))
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
-    average = None
-    if cfg.ema_decay:
-        follow_lr = cfg.ema_memory == "lr"
-        average = WeightAverage(model, cfg.ema_decay, cfg.ema_warmup_power, follow_lr)
+    average = average_for(model, cfg)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
         optimizer, scaler, amp_dtype, teacher, _feature_taps(cfg, model, teacher), original,
