@@ -13,8 +13,8 @@ values repeats the source run's stage 2 to the digit (results.md, the ninth roun
         tau_update='"step"'          # then: recu binarize --resume output/fork/tau-step-s42
 
 The source must be copied while its resume.pt is still the one written at the switch (the
-run writes it again every --checkpoint-interval), e.g. a run stopped after stage 1 with
-Ctrl-C, or copied between the third epoch's end and the next interval.
+run writes it at each epoch's end and again every --checkpoint-interval): between the end
+of its last stage-1 epoch and the next interval. The script refuses any other point.
 """
 
 from __future__ import annotations
@@ -39,17 +39,18 @@ STAGE2_ONLY = {
 
 
 def stage1_end(run: Path) -> int:
-    """The run's stage-1 length, after checking that its resume.pt stands at its end."""
+    """The run's stage-1 length, after checking that its resume.pt stands exactly there
+    (epoch `stage1_epochs`, its first step; not a point saved inside stage 2)."""
     cfg = json.loads((run / "config.json").read_text())["train"]
     saved = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)
-    epochs_done = len(json.loads(saved["history"]) if isinstance(saved["history"], str) else
-                      saved["history"])  # fmt: skip
-    if not cfg["stage1_epochs"] or epochs_done != cfg["stage1_epochs"]:
+    pos = saved["position"]
+    switch = cfg["stage1_epochs"]
+    if not switch or (pos["epoch"], pos["step_in_epoch"]) != (switch, 0):
         raise SystemExit(
-            f"{run}/resume.pt holds {epochs_done} epochs, not the end of a stage 1 of "
-            f"{cfg['stage1_epochs']}: copy the run at its switch"
+            f"{run}/resume.pt stands {pos['epoch']} epochs and {pos['step_in_epoch']} steps "
+            f"in, not at the switch after a stage 1 of {switch} epochs: copy the run there"
         )
-    return epochs_done
+    return switch
 
 
 def main() -> None:
