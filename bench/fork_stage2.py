@@ -12,6 +12,10 @@ values repeats the source run's stage 2 to the digit (results.md, the ninth roun
     python bench/fork_stage2.py output/full/resnet20-finetune-s42 output/fork/tau-step-s42 \
         tau_update='"step"'          # then: recu binarize --resume output/fork/tau-step-s42
 
+Every lever not named keeps the source's value: fork from a run of the setting you compare
+with, or name its stage-2 levers too (the ninth round's first tau forks came from a
+`--stage2-lr-scale 0.5` run and measured tau on top of it).
+
 The source must be copied while its resume.pt is still the one written at the switch (the
 run writes it at each epoch's end and again every --checkpoint-interval): between the end
 of its last stage-1 epoch and the next interval. The script refuses any other point.
