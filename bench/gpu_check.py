@@ -190,8 +190,10 @@ def make_step(ctx: Context, cfg, parts, mode: str, graphs: bool = True, log=None
 
     if mode == "eager":
         return None, lambda x, y: apply_gradients(cfg, parts, forward_loss(cfg, parts, x, y))
-    if mode == "compiled+average":  # the average first, as build_parts makes it
-        average = new_average(parts.model)
+    if mode == "compiled+average":  # the entry's own (finetune) average, made first as
+        from recu_cli.training.average import average_for  # build_parts makes it
+
+        average = average_for(parts.model, cfg)
         return averaged_step(average, *make_step(ctx, cfg, parts, "compiled", graphs, log), parts)
     fast = FastStep(
         cfg, DistInfo(), parts, log or (lambda *a, **k: None), graphs=graphs,
@@ -199,14 +201,6 @@ def make_step(ctx: Context, cfg, parts, mode: str, graphs: bool = True, log=None
     )  # fmt: skip
     parts.fast = fast
     return fast, fast.step
-
-
-def new_average(model: torch.nn.Module):
-    """The finetune recipe's moving average of the weights, as build_parts makes it."""
-    from recu_cli.training.average import average_for
-    from recu_cli.training.config import TrainConfig
-
-    return average_for(model, TrainConfig(model="-", data="-"))
 
 
 def averaged_step(average, fast, step, parts):
