@@ -42,9 +42,9 @@ STAGE2_ONLY = {
 }
 
 
-def stage1_end(run: Path) -> int:
-    """The run's stage-1 length, after checking that its resume.pt stands exactly there
-    (epoch `stage1_epochs`, its first step; not a point saved inside stage 2)."""
+def check_at_switch(run: Path) -> None:
+    """Refuse a run whose resume.pt does not stand exactly at its switch (epoch
+    `stage1_epochs`, its first step; not a point saved inside stage 2)."""
     cfg = json.loads((run / "config.json").read_text())["train"]
     saved = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)
     pos = saved["position"]
@@ -54,7 +54,6 @@ def stage1_end(run: Path) -> int:
             f"{run}/resume.pt stands {pos['epoch']} epochs and {pos['step_in_epoch']} steps "
             f"in, not at the switch after a stage 1 of {switch} epochs: copy the run there"
         )
-    return switch
 
 
 def main() -> None:
@@ -63,7 +62,7 @@ def main() -> None:
     ap.add_argument("fork", type=Path, help="new run folder")
     ap.add_argument("changes", nargs="+", help="KEY=JSON, e.g. tau_update='\"step\"'")
     args = ap.parse_args()
-    stage1_end(args.source)
+    check_at_switch(args.source)
     changes = {}
     for item in args.changes:
         key, value = item.split("=", 1)
