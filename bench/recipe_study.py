@@ -130,6 +130,10 @@ VARIANTS: dict[str, list[str]] = {
     # only, under the first round's lr 4e-3)
     "ft-s2lr0.5": ["--stage2-lr-scale", "0.5"],
     "ft-s2lr1.5": ["--stage2-lr-scale", "1.5"],
+    # results.md's tenth round: the attention loss's weight on either side of the default's
+    # 3 (--feature-kd; 10 was measured on the subset only, under temperature 2 and lr 8e-3)
+    "ft-fkd1.5": ["--feature-kd", "1.5"],
+    "ft-fkd6": ["--feature-kd", "6"],
 }
 
 
