@@ -184,6 +184,7 @@ def tiny_resnet(classes: int) -> torch.nn.Module:
 
 def make_step(ctx: Context, cfg, parts, mode: str, graphs: bool = True, log=None):
     """A callable (images, targets) -> loss: the eager step, or recu's FastStep."""
+    from recu_cli.training.average import average_for
     from recu_cli.training.distributed import DistInfo
     from recu_cli.training.fast_step import EagerRunner, FastStep
     from recu_cli.training.steps import apply_gradients, forward_loss
@@ -191,9 +192,7 @@ def make_step(ctx: Context, cfg, parts, mode: str, graphs: bool = True, log=None
     if mode == "eager":
         return None, lambda x, y: apply_gradients(cfg, parts, forward_loss(cfg, parts, x, y))
     if mode == "compiled+average":  # the entry's own (finetune) average, made first as
-        from recu_cli.training.average import average_for  # build_parts makes it
-
-        average = average_for(parts.model, cfg)
+        average = average_for(parts.model, cfg)  # build_parts makes it
         return averaged_step(average, *make_step(ctx, cfg, parts, "compiled", graphs, log), parts)
     fast = FastStep(
         cfg, DistInfo(), parts, log or (lambda *a, **k: None), graphs=graphs,
