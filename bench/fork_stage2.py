@@ -29,7 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
+from recu_cli.training.run_folder import read_position
 
 # levers that only stage 2 reads: a fork may change these and nothing else
 STAGE2_ONLY = {
@@ -46,12 +46,11 @@ def check_at_switch(run: Path) -> None:
     """Refuse a run whose resume.pt does not stand exactly at its switch (epoch
     `stage1_epochs`, its first step; not a point saved inside stage 2)."""
     cfg = json.loads((run / "config.json").read_text())["train"]
-    saved = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)
-    pos = saved["position"]
+    pos = read_position(run)
     switch = cfg["stage1_epochs"]
-    if not switch or (pos["epoch"], pos["step_in_epoch"]) != (switch, 0):
+    if not switch or (pos.epoch, pos.step_in_epoch) != (switch, 0):
         raise SystemExit(
-            f"{run}/resume.pt stands {pos['epoch']} epochs and {pos['step_in_epoch']} steps "
+            f"{run}/resume.pt stands {pos.epoch} epochs and {pos.step_in_epoch} steps "
             f"in, not at the switch after a stage 1 of {switch} epochs: copy the run there"
         )
 
