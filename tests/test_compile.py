@@ -25,7 +25,7 @@ from recu_cli.bnn import binary_layers, convert_model, set_tau
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.recipes import recipe_settings
-from recu_cli.training.distill import FeatureTap, feature_points
+from recu_cli.training.distill import AttentionWeight, FeatureTap, feature_points
 from recu_cli.training.steps import forward_loss
 from tests.test_train import small_cifar  # noqa: F401 - fixture
 
@@ -133,13 +133,14 @@ def recipe_model(name: str, recipe: str) -> tuple[nn.Module, nn.Module]:
 
 def step_parts(model: nn.Module, teacher: nn.Module, taps: bool) -> SimpleNamespace:
     """What forward_loss reads of a run's Parts."""
-    features = None
+    features = weight = None
     if taps:
         points = feature_points(model, teacher)
         features = (FeatureTap(model, points), FeatureTap(teacher, points))
+        weight = AttentionWeight(3.0, torch.device("cpu"))
     return SimpleNamespace(
-        ddp_model=model, teacher=teacher, features=features, amp_dtype=None,
-        device=torch.device("cpu"), sign_penalty=None, model=model,
+        ddp_model=model, teacher=teacher, features=features, attention_weight=weight,
+        amp_dtype=None, device=torch.device("cpu"), sign_penalty=None, model=model,
     )  # fmt: skip
 
 
@@ -163,7 +164,7 @@ def test_explain_finds_no_graph_breaks(name: str, recipe: str, stage: float) -> 
     model, teacher = recipe_model(name, recipe)
     for _, layer in binary_layers(model):
         layer.set_weight_mix(stage - 1)
-    cfg = SimpleNamespace(kd_temperature=1.0, kd_weight=1.0, feature_kd=3.0)
+    cfg = SimpleNamespace(kd_temperature=1.0, kd_weight=1.0)
     parts = step_parts(model, teacher, taps=recipe == "finetune")
     if stage == 1.5:
         parts.sign_penalty = SignPenalty(10.0, torch.device("cpu"))

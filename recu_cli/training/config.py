@@ -249,6 +249,13 @@ class TrainConfig:
         min=0.0,
         panel=DISTILL,
     )
+    stage2_feature_kd: float | None = setting(
+        None,
+        "Weight of the attention-map loss in stage 2, where the weights are binary "
+        "(default: --feature-kd's). Two stages only.",
+        min=0.0,
+        panel=DISTILL,
+    )
     # the conversion (ConvertConfig's fields appear here), calibration and step 0
     convert: ConvertConfig = None  # type: ignore[assignment]
     calib_images: int = setting(256, "Training images for calibration.", min=1, panel=CONVERSION)
@@ -417,6 +424,16 @@ class TrainConfig:
             )
         if self.feature_kd > 0 and self.teacher == "none":
             raise RecuError("--feature-kd needs a teacher; drop --teacher none or set it to 0")
+        if self.stage2_feature_kd is not None:
+            if not self.stage1_epochs:
+                raise RecuError(
+                    "--stage2-feature-kd weighs stage 2 of a two-stage run, and this run has "
+                    "one stage (--stage1-epochs 0): drop it, or set --feature-kd"
+                )
+            if self.stage2_feature_kd > 0 and self.teacher == "none":
+                raise RecuError(
+                    "--stage2-feature-kd needs a teacher; drop --teacher none or set it to 0"
+                )
         if self.opt == "sgd" and self.momentum == 0:
             raise RecuError("--opt sgd uses Nesterov momentum, which needs --momentum above 0")
         if self.min_lr > self.base_lr:
@@ -450,6 +467,13 @@ class TrainConfig:
         """Stage 2's one-epoch cosines: --stage2-short-cycles in a two-stage run, none with
         one stage (no switch whose weights they would settle)."""
         return self.stage2_short_cycles if self.stage1_epochs else 0
+
+    def attention_weight(self, stage: int) -> float:
+        """The attention loss's weight in `stage`: --stage2-feature-kd in stage 2 where
+        given, else --feature-kd."""
+        if stage == 2 and self.stage1_epochs and self.stage2_feature_kd is not None:
+            return self.stage2_feature_kd
+        return self.feature_kd
 
     @property
     def base_lr(self) -> float:

@@ -82,6 +82,8 @@ class EpochLoop:
             parts.fast.check_next_step(f"stage {stage}'s {where}")
         if parts.sign_penalty is not None:
             parts.sign_penalty.set_share(0.0)  # stage 1's alone; set per step there
+        if parts.attention_weight is not None:
+            parts.attention_weight.set(cfg.attention_weight(stage))
         if switching:
             for _, layer in binary_layers(parts.model):
                 layer.reset_alpha_from_latent()

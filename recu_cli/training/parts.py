@@ -24,7 +24,7 @@ from recu_cli.models.create import create_model, reset_head
 from recu_cli.spec import ModelSpec
 from recu_cli.training.average import WeightAverage, average_for
 from recu_cli.training.config import TrainConfig
-from recu_cli.training.distill import FeatureTap, feature_points
+from recu_cli.training.distill import AttentionWeight, FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo
 from recu_cli.training.optim import build_optimizer, optimizer_options
 from recu_cli.training.sampling import EpochBatchSampler, SeededItems
@@ -50,6 +50,7 @@ class Parts:
     amp_dtype: torch.dtype | None  # None: no autocast
     teacher: nn.Module | None = None
     features: tuple[FeatureTap, FeatureTap] | None = None  # student's and teacher's taps
+    attention_weight: AttentionWeight | None = None  # the stage's weight of their loss
     original: nn.Module | None = None  # the unconverted model, for step 0 (then dropped)
     data_path: DataPathChoice | None = None  # which loaders (fastdata/choice.py) and why
     fast: Any = None  # --compile: the compiled (CUDA-graph) step, training/fast_step.py
@@ -118,11 +119,20 @@ def build_parts(
     optimizer = build_optimizer(model, cfg, optimizer_options(cfg, device, info))
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
     average = average_for(model, cfg)
+    features = _feature_taps(cfg, model, teacher)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
-        optimizer, scaler, amp_dtype, teacher, _feature_taps(cfg, model, teacher), original,
-        data_path, sign_penalty=_sign_penalty(cfg, device), average=average,
+        optimizer, scaler, amp_dtype, teacher, features, _attention_weight(features, device),
+        original, data_path, sign_penalty=_sign_penalty(cfg, device), average=average,
     )  # fmt: skip
+
+
+def _attention_weight(
+    features: tuple[FeatureTap, FeatureTap] | None, device: torch.device
+) -> AttentionWeight | None:
+    """The attention loss's weight, where there are taps; each stage sets it as it begins
+    (EpochLoop.enter_stage)."""
+    return None if features is None else AttentionWeight(0.0, device)
 
 
 def _sign_penalty(cfg: TrainConfig, device: torch.device) -> SignPenalty | None:
@@ -248,7 +258,7 @@ def _teacher(
 def _feature_taps(
     cfg: TrainConfig, model: nn.Module, teacher: nn.Module | None
 ) -> tuple[FeatureTap, FeatureTap] | None:
-    if not cfg.feature_kd or teacher is None:
+    if not (cfg.feature_kd or cfg.attention_weight(2)) or teacher is None:
         return None
     points = feature_points(model, teacher)
     if not points:

@@ -66,7 +66,7 @@ def forward_loss(
         if parts.features is not None:
             student_tap, teacher_tap = parts.features
             at = attention_loss(student_tap.take(), teacher_tap.take())
-            loss = loss + cfg.feature_kd * at
+            loss = loss + parts.attention_weight.tensor * at
     if parts.sign_penalty is not None:
         penalty = parts.sign_penalty.term(parts.model)
         if penalty is not None:

@@ -1,0 +1,105 @@
+"""--stage2-feature-kd: the attention loss weighed per stage, by hand, in a real run, and
+across an interrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recu_cli.bnn import binary_layers
+from recu_cli.errors import RecuError
+from recu_cli.training import TrainConfig, Trainer
+from recu_cli.training.distill import attention_loss
+from recu_cli.training.steps import forward_loss
+from tests.test_recipe import finetune_config
+from tests.test_switch import STEPS, ctrl_c_then_resume_equals_straight
+from tests.test_train import small_cifar  # noqa: F401
+
+
+def test_each_stage_takes_its_weight() -> None:
+    cfg = TrainConfig(model="resnet20", data="demo")
+    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (3.0, 3.0)  # unset: --feature-kd
+    cfg = TrainConfig(model="resnet20", data="demo", feature_kd=6.0, stage2_feature_kd=1.5)
+    cfg.validate()
+    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (6.0, 1.5)
+    zero = TrainConfig(model="resnet20", data="demo", stage2_feature_kd=0.0)
+    assert (zero.attention_weight(1), zero.attention_weight(2)) == (3.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "words"),
+    [
+        ({"recipe": "paper", "stage2_feature_kd": 1.0}, "one stage"),
+        ({"stage1_epochs": 0, "stage2_feature_kd": 1.0}, "one stage"),
+        ({"teacher": "none", "feature_kd": 0.0, "stage2_feature_kd": 1.0}, "needs a teacher"),
+    ],
+)
+def test_a_weight_without_a_stage_two_or_a_teacher_is_refused(kw: dict, words: str) -> None:
+    with pytest.raises(RecuError, match=words):
+        TrainConfig(model="resnet20", data="demo", **kw).validate()
+
+
+def test_a_run_weighs_the_attention_loss_per_stage(
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
+) -> None:
+    """The weight each training forward sees: --feature-kd through stage 1, the stage-2
+    weight from the switch on; and the loss it builds is the rest plus weight times the
+    attention loss of that forward's taps."""
+    cfg = finetune_config(
+        small_cifar, resnet20_weights, tmp_path, "per-stage", epochs=2, feature_kd=2.0,
+        stage2_feature_kd=0.5,
+    )  # fmt: skip
+    trainer = Trainer(cfg, quiet=True)
+    parts = trainer.parts
+    seen: list[float] = []
+
+    def record(module, _inputs) -> None:
+        if module.training:
+            seen.append(float(parts.attention_weight.tensor))
+
+    binary_layers(parts.model)[0][1].register_forward_pre_hook(record)
+    trainer.fit()
+    assert seen == [2.0] * STEPS + [0.5] * STEPS
+
+    # the loss of one batch at two weights differs by their difference times the
+    # attention loss of the taps (taken here from a forward of the same model)
+    parts.model.train()
+    images, targets = next(iter(parts.train_loader))
+    state = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    with torch.no_grad():
+        parts.attention_weight.set(0.5)
+        low = forward_loss(cfg, parts, images, targets)
+        parts.attention_weight.set(2.0)
+        high = forward_loss(cfg, parts, images, targets)
+        parts.model.load_state_dict(state)  # BatchNorm's running statistics: unchanged
+        parts.model(images), parts.teacher(images)
+        student, teacher = (tap.take() for tap in parts.features)
+        at = attention_loss(student, teacher)
+    assert at > 0
+    assert float(high - low) == pytest.approx(1.5 * float(at), rel=1e-4)
+
+
+def test_ctrl_c_in_stage_two_resumes_with_its_weight_to_the_bit(
+    small_cifar,  # noqa: F811
+    resnet20_weights,
+    tmp_path,
+) -> None:
+    """Ctrl-C at stage 2's third step, then --resume (which enters stage 2 without a
+    switch): the same weights and packed file as a run never stopped; a run that kept
+    --feature-kd in stage 2 ends elsewhere (the weight reaches the step)."""
+
+    def config(name: str, stage2: float = 0.5) -> TrainConfig:
+        return finetune_config(
+            small_cifar, resnet20_weights, tmp_path, name, epochs=2, stage2_feature_kd=stage2,
+        )  # fmt: skip
+
+    straight = Trainer(config("straight"), quiet=True)
+    straight.fit()
+    saved = ctrl_c_then_resume_equals_straight(config, tmp_path, STEPS + 3, 2 * STEPS)
+    assert saved == {"epoch": 2, "step_in_epoch": 3, "global_step": STEPS + 3}
+    kept = Trainer(config("kept", stage2=3.0), quiet=True)
+    kept.fit()
+    a, b = straight.parts.model.state_dict(), kept.parts.model.state_dict()
+    assert not torch.equal(a["layer1.0.conv1.weight"], b["layer1.0.conv1.weight"])
