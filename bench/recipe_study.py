@@ -134,6 +134,8 @@ VARIANTS: dict[str, list[str]] = {
     # 3 (--feature-kd; 10 was measured on the subset only, under temperature 2 and lr 8e-3)
     "ft-fkd1.5": ["--feature-kd", "1.5"],
     "ft-fkd6": ["--feature-kd", "6"],
+    # the eleventh round: the attention loss weighed per stage (--stage2-feature-kd)
+    "ft-fkd6-s2fkd3": ["--feature-kd", "6", "--stage2-feature-kd", "3"],
 }
 
 
