@@ -2,7 +2,7 @@
 
 Stage 1 of a two-stage run reads none of the stage-2 levers (--stage2-lr-scale,
 --tau-update, --tau-max, --stage2-short-cycles, --switch-moments, --binarize-ramp,
---stage2-feature-kd), so a
+--stage2-feature-kd-scale), so a
 copy of a run folder whose resume.pt holds the end of stage 1, with such a lever changed
 in its config.json and continued with `recu binarize --resume`, trains what a fresh run
 with that flag trains, for half the time. `recu binarize --resume` itself refuses the
@@ -40,7 +40,7 @@ STAGE2_ONLY = {
     "binarize_ramp",
     "tau_update",
     "tau_max",
-    "stage2_feature_kd",
+    "stage2_feature_kd_scale",
 }
 
 

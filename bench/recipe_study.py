@@ -134,8 +134,9 @@ VARIANTS: dict[str, list[str]] = {
     # 3 (--feature-kd; 10 was measured on the subset only, under temperature 2 and lr 8e-3)
     "ft-fkd1.5": ["--feature-kd", "1.5"],
     "ft-fkd6": ["--feature-kd", "6"],
-    # the eleventh round: the attention loss weighed per stage (--stage2-feature-kd)
-    "ft-fkd6-s2fkd3": ["--feature-kd", "6", "--stage2-feature-kd", "3"],
+    # the eleventh round: the attention loss weighed per stage, 6 in stage 1 and 3 in
+    # stage 2 (its seeds 44/45 ran with the lever's first form, --stage2-feature-kd 3)
+    "ft-fkd6-s2fkd3": ["--feature-kd", "6", "--stage2-feature-kd-scale", "0.5"],
 }
 
 

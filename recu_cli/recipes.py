@@ -57,6 +57,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "kd_temperature": 2.0,  # issue 27, third round: 1 -> 2 (soft labels of a teacher
         # that saw these images are nearly one-hot at T = 1)
         "feature_kd": 3.0,
+        "stage2_feature_kd_scale": 1.0,
         "other_lr_scale": 3.0,
         "bn_recalib": 0,
         "convert.activation": "prelu",
@@ -74,6 +75,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "ema_memory": "fixed",
         "kd_temperature": 1.0,
         "feature_kd": 0.0,
+        "stage2_feature_kd_scale": 1.0,  # one stage: no stage 2 of its own
         "other_lr_scale": 1.0,
         "bn_recalib": 0,
         "convert.activation": "hardtanh",

@@ -1,5 +1,5 @@
-"""--stage2-feature-kd: the attention loss weighed per stage, by hand, in a real run, and
-across an interrupted one."""
+"""--stage2-feature-kd-scale: the attention loss weighed per stage, by hand, in a real run,
+and across an interrupted one."""
 
 from __future__ import annotations
 
@@ -18,25 +18,29 @@ from tests.test_train import small_cifar  # noqa: F401
 
 def test_each_stage_takes_its_weight() -> None:
     cfg = TrainConfig(model="resnet20", data="demo")
-    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (3.0, 3.0)  # unset: --feature-kd
-    cfg = TrainConfig(model="resnet20", data="demo", feature_kd=6.0, stage2_feature_kd=1.5)
-    cfg.validate()
-    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (6.0, 1.5)
-    zero = TrainConfig(model="resnet20", data="demo", stage2_feature_kd=0.0)
-    assert (zero.attention_weight(1), zero.attention_weight(2)) == (3.0, 0.0)
+    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (3.0, 3.0)
+    cfg = TrainConfig(model="resnet20", data="demo", feature_kd=6.0, stage2_feature_kd_scale=0.5)
+    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (6.0, 3.0)
+    # one stage (the paper's binary weights from step 0): --feature-kd, unscaled
+    one = TrainConfig(
+        model="resnet20", data="demo", recipe="paper", feature_kd=2.0, stage2_feature_kd_scale=0.5
+    )
+    assert one.attention_weight(2) == 2.0
 
 
-@pytest.mark.parametrize(
-    ("kw", "words"),
-    [
-        ({"recipe": "paper", "stage2_feature_kd": 1.0}, "one stage"),
-        ({"stage1_epochs": 0, "stage2_feature_kd": 1.0}, "one stage"),
-        ({"teacher": "none", "feature_kd": 0.0, "stage2_feature_kd": 1.0}, "needs a teacher"),
-    ],
-)
-def test_a_weight_without_a_stage_two_or_a_teacher_is_refused(kw: dict, words: str) -> None:
-    with pytest.raises(RecuError, match=words):
-        TrainConfig(model="resnet20", data="demo", **kw).validate()
+def test_no_teacher_needs_only_feature_kd_zero() -> None:
+    """The scale multiplies --feature-kd: `--teacher none --feature-kd 0` is enough."""
+    TrainConfig(model="resnet20", data="demo", teacher="none", feature_kd=0.0).validate()
+    with pytest.raises(RecuError, match="needs a teacher"):
+        TrainConfig(model="resnet20", data="demo", teacher="none").validate()
+
+
+def test_a_run_saved_before_the_scale_resumes_with_one() -> None:
+    """A run's config.json without the key trained stage 2 at --feature-kd's weight."""
+    saved = TrainConfig(model="resnet20", data="demo", feature_kd=6.0).to_dict()
+    del saved["stage2_feature_kd_scale"]
+    cfg = TrainConfig.from_dict(saved)
+    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (6.0, 6.0)
 
 
 def test_a_run_weighs_the_attention_loss_per_stage(
@@ -49,7 +53,7 @@ def test_a_run_weighs_the_attention_loss_per_stage(
     attention loss of that forward's taps."""
     cfg = finetune_config(
         small_cifar, resnet20_weights, tmp_path, "per-stage", epochs=2, feature_kd=2.0,
-        stage2_feature_kd=0.5,
+        stage2_feature_kd_scale=0.25,
     )  # fmt: skip
     trainer = Trainer(cfg, quiet=True)
     parts = trainer.parts
@@ -90,16 +94,17 @@ def test_ctrl_c_in_stage_two_resumes_with_its_weight_to_the_bit(
     switch): the same weights and packed file as a run never stopped; a run that kept
     --feature-kd in stage 2 ends elsewhere (the weight reaches the step)."""
 
-    def config(name: str, stage2: float = 0.5) -> TrainConfig:
+    def config(name: str, scale: float = 0.5) -> TrainConfig:
         return finetune_config(
-            small_cifar, resnet20_weights, tmp_path, name, epochs=2, stage2_feature_kd=stage2,
+            small_cifar, resnet20_weights, tmp_path, name, epochs=2,
+            stage2_feature_kd_scale=scale,
         )  # fmt: skip
 
     straight = Trainer(config("straight"), quiet=True)
     straight.fit()
     saved = ctrl_c_then_resume_equals_straight(config, tmp_path, STEPS + 3, 2 * STEPS)
     assert saved == {"epoch": 2, "step_in_epoch": 3, "global_step": STEPS + 3}
-    kept = Trainer(config("kept", stage2=3.0), quiet=True)
+    kept = Trainer(config("kept", scale=1.0), quiet=True)
     kept.fit()
     a, b = straight.parts.model.state_dict(), kept.parts.model.state_dict()
     assert not torch.equal(a["layer1.0.conv1.weight"], b["layer1.0.conv1.weight"])

@@ -28,6 +28,7 @@ OPTIMIZERS = tuple(PAPER_LR)
 # run is reproduced; a fresh run, or a config file of the user's own, takes the recipe's.
 ABSENT_FROM_OLDER_RUNS = {
     "switch_moments": "reset", "stage2_short_cycles": 0, "ema_decay": 0.0, "ema_memory": "fixed",
+    "stage2_feature_kd_scale": 1.0,
 }  # fmt: skip
 COMPILE_MODES = ("auto", "on", "off")  # --compile: training/optim.compile_enabled
 MODEL, SCHEDULE, OPTIMIZER = "Model and data", "Recipe and schedule", "Optimizer"
@@ -249,10 +250,10 @@ class TrainConfig:
         min=0.0,
         panel=DISTILL,
     )
-    stage2_feature_kd: float | None = setting(
+    stage2_feature_kd_scale: float | None = setting(
         None,
-        "Weight of the attention-map loss in stage 2, where the weights are binary "
-        "(default: --feature-kd's). Two stages only.",
+        "Stage 2's weight of the attention-map loss as a share of --feature-kd's (the "
+        "binary-weight stage); 1 = the same weight. Two stages only.",
         min=0.0,
         panel=DISTILL,
     )
@@ -424,16 +425,6 @@ class TrainConfig:
             )
         if self.feature_kd > 0 and self.teacher == "none":
             raise RecuError("--feature-kd needs a teacher; drop --teacher none or set it to 0")
-        if self.stage2_feature_kd is not None:
-            if not self.stage1_epochs:
-                raise RecuError(
-                    "--stage2-feature-kd weighs stage 2 of a two-stage run, and this run has "
-                    "one stage (--stage1-epochs 0): drop it, or set --feature-kd"
-                )
-            if self.stage2_feature_kd > 0 and self.teacher == "none":
-                raise RecuError(
-                    "--stage2-feature-kd needs a teacher; drop --teacher none or set it to 0"
-                )
         if self.opt == "sgd" and self.momentum == 0:
             raise RecuError("--opt sgd uses Nesterov momentum, which needs --momentum above 0")
         if self.min_lr > self.base_lr:
@@ -469,10 +460,10 @@ class TrainConfig:
         return self.stage2_short_cycles if self.stage1_epochs else 0
 
     def attention_weight(self, stage: int) -> float:
-        """The attention loss's weight in `stage`: --stage2-feature-kd in stage 2 where
-        given, else --feature-kd."""
-        if stage == 2 and self.stage1_epochs and self.stage2_feature_kd is not None:
-            return self.stage2_feature_kd
+        """The attention loss's weight in `stage`: --feature-kd, times
+        --stage2-feature-kd-scale in stage 2 of a two-stage run."""
+        if stage == 2 and self.stage1_epochs:
+            return self.feature_kd * self.stage2_feature_kd_scale
         return self.feature_kd
 
     @property

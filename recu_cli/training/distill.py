@@ -62,7 +62,8 @@ def feature_points(student: nn.Module, teacher: nn.Module) -> list[str]:
 
 
 class AttentionWeight:
-    """The attention loss's weight in the current stage (--feature-kd, --stage2-feature-kd):
+    """The attention loss's weight in the current stage (--feature-kd, in stage 2 times
+    --stage2-feature-kd-scale):
     a 0-dim device tensor that a compiled or captured step reads, so the stage switch
     changes a value, not the graph; set where each stage begins."""
 

@@ -258,7 +258,7 @@ def _teacher(
 def _feature_taps(
     cfg: TrainConfig, model: nn.Module, teacher: nn.Module | None
 ) -> tuple[FeatureTap, FeatureTap] | None:
-    if not (cfg.feature_kd or cfg.attention_weight(2)) or teacher is None:
+    if not cfg.feature_kd or teacher is None:
         return None
     points = feature_points(model, teacher)
     if not points:
