@@ -31,7 +31,8 @@ def config_of(*args: str) -> TrainConfig:
 
 def test_recipe_fills_what_flags_do_not_give() -> None:
     cfg = config_of("resnet20", "--data", "demo", "--epochs", "4")
-    assert (cfg.recipe, cfg.lr, cfg.stage1_epochs, cfg.feature_kd) == ("finetune", 8e-3, 2, 3.0)
+    assert (cfg.recipe, cfg.lr, cfg.stage1_epochs, cfg.feature_kd) == ("finetune", 8e-3, 2, 6.0)
+    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (6.0, 3.0)
     assert cfg.kd_temperature == 2.0
     assert (cfg.convert.activation, cfg.convert.act_threshold) == ("prelu", "median")
     assert (cfg.tau_min, cfg.tau_max, cfg.convert.tau) == (TAU_MIN, TAU_MAX, TAU_MIN)

@@ -71,7 +71,7 @@ def test_flags_stay_as_they_were() -> None:
     added = {
         "--kd-temperature", "--binarize-penalty", "--binarize-ramp", "--switch-moments",
         "--stage2-lr-scale", "--stage2-short-cycles", "--ema-decay", "--ema-warmup-power",
-        "--ema-memory",
+        "--ema-memory", "--stage2-feature-kd-scale",
     }  # fmt: skip
     assert flags_of(command("binarize")) == BINARIZE_FLAGS | added
     assert flags_of(command("convert")) == CONVERT_FLAGS
@@ -139,6 +139,7 @@ ADDED_SINCE_0_1_0 = {
     "compile": "auto", "data_path": "auto", "binarize_penalty": 0.0, "binarize_ramp": 0.0,
     "switch_moments": "reset", "stage2_lr_scale": 1.0, "stage2_short_cycles": 0,
     "ema_decay": 0.0, "ema_warmup_power": 0.75, "ema_memory": "fixed",
+    "stage2_feature_kd_scale": 1.0,
 }  # fmt: skip
 
 

@@ -17,10 +17,10 @@ from tests.test_train import small_cifar  # noqa: F401
 
 
 def test_each_stage_takes_its_weight() -> None:
-    cfg = TrainConfig(model="resnet20", data="demo")
-    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (3.0, 3.0)
-    cfg = TrainConfig(model="resnet20", data="demo", feature_kd=6.0, stage2_feature_kd_scale=0.5)
+    cfg = TrainConfig(model="resnet20", data="demo")  # finetune: 6, then half of it
     assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (6.0, 3.0)
+    cfg = TrainConfig(model="resnet20", data="demo", feature_kd=3.0, stage2_feature_kd_scale=1.0)
+    assert (cfg.attention_weight(1), cfg.attention_weight(2)) == (3.0, 3.0)
     # one stage (the paper's binary weights from step 0): --feature-kd, unscaled
     one = TrainConfig(
         model="resnet20", data="demo", recipe="paper", feature_kd=2.0, stage2_feature_kd_scale=0.5
