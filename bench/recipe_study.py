@@ -11,9 +11,12 @@ is all 45,000); validation: the full val/ split. Prints a markdown table; JSON i
     python bench/recipe_study.py --per-class 4500 --only finetune plain --seeds 42 43
 
 The rows of docs/results.md measured before issue 27 ran with the finetune default of the
-time: add `-- --lr 2e-3 --switch-moments reset --kd-temperature 1 --ema-decay 0` to rerun
-them (the issue-27 candidates carry the default they were measured on already: those of
-its first seven rounds packed the last step's weights, `--ema-decay 0`).
+time: add `-- --lr 2e-3 --switch-moments reset --kd-temperature 1 --ema-decay 0
+--feature-kd 3 --stage2-feature-kd-scale 1` to rerun them. The issue-27 candidates carry
+the default they were measured on already (those of its first seven rounds packed the last
+step's weights, `--ema-decay 0`), except for the attention loss: its first ten rounds
+weighed it 3 in both stages, so add `-- --feature-kd 3 --stage2-feature-kd-scale 1` to
+rerun them, but for the `ft-fkd*` and `ft-before11` variants, which pin it.
 """
 
 from __future__ import annotations
@@ -132,10 +135,13 @@ VARIANTS: dict[str, list[str]] = {
     "ft-s2lr1.5": ["--stage2-lr-scale", "1.5"],
     # results.md's tenth round: the attention loss's weight on either side of the default's
     # 3 (--feature-kd; 10 was measured on the subset only, under temperature 2 and lr 8e-3)
-    "ft-fkd1.5": ["--feature-kd", "1.5"],
-    "ft-fkd6": ["--feature-kd", "6"],
-    # the eleventh round: the attention loss weighed per stage, 6 in stage 1 and 3 in
-    # stage 2 (its seeds 44/45 ran with the lever's first form, --stage2-feature-kd 3)
+    # (the same weight in both stages, as then)
+    "ft-fkd1.5": ["--feature-kd", "1.5", "--stage2-feature-kd-scale", "1"],
+    "ft-fkd6": ["--feature-kd", "6", "--stage2-feature-kd-scale", "1"],
+    # the eleventh round: the attention loss weighed per stage; the default before it (3 in
+    # both stages), and 6 in stage 1 with 3 in stage 2, today's default (its seeds 44/45
+    # ran with the lever's first form, --stage2-feature-kd 3)
+    "ft-before11": ["--feature-kd", "3", "--stage2-feature-kd-scale", "1"],
     "ft-fkd6-s2fkd3": ["--feature-kd", "6", "--stage2-feature-kd-scale", "0.5"],
 }
 
