@@ -3,6 +3,8 @@ and across an interrupted one."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from recu_cli.errors import RecuError
 from recu_cli.training import TrainConfig, Trainer
 from recu_cli.training.distill import attention_loss
 from recu_cli.training.steps import forward_loss
+from tests.test_compile import recipe_model, step_parts
 from tests.test_recipe import finetune_config
 from tests.test_switch import STEPS, ctrl_c_then_resume_equals_straight
 from tests.test_train import small_cifar  # noqa: F401
@@ -108,3 +111,26 @@ def test_ctrl_c_in_stage_two_resumes_with_its_weight_to_the_bit(
     kept.fit()
     a, b = straight.parts.model.state_dict(), kept.parts.model.state_dict()
     assert not torch.equal(a["layer1.0.conv1.weight"], b["layer1.0.conv1.weight"])
+
+
+def test_a_compiled_loss_reads_the_new_weight_without_recompiling() -> None:
+    """The compiled loss (what --compile runs, captured as a CUDA graph on a GPU) reads the
+    weight as a tensor: after the switch's in-place change it gives the eager loss at the
+    new weight, from the same graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, teacher = recipe_model("resnet20", "finetune")
+    parts = step_parts(model, teacher, taps=True)
+    cfg = SimpleNamespace(kd_temperature=2.0, kd_weight=1.0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 7, 3, 0])
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda x, y: forward_loss(cfg, parts, x, y, cache=False), backend=counter, fullgraph=True
+    )
+    with torch.no_grad():
+        for weight in (6.0, 3.0, 0.0):
+            parts.attention_weight.set(weight)
+            eager = forward_loss(cfg, parts, x, y)
+            assert torch.allclose(compiled(x, y), eager, rtol=1e-5), weight
+    assert counter.frame_count == 1

@@ -62,10 +62,9 @@ def feature_points(student: nn.Module, teacher: nn.Module) -> list[str]:
 
 
 class AttentionWeight:
-    """The attention loss's weight in the current stage (--feature-kd, in stage 2 times
-    --stage2-feature-kd-scale):
-    a 0-dim device tensor that a compiled or captured step reads, so the stage switch
-    changes a value, not the graph; set where each stage begins."""
+    """The attention loss's weight in the current stage (--feature-kd; in stage 2, times
+    --stage2-feature-kd-scale): a 0-dim device tensor that a compiled or captured step
+    reads, so the stage switch changes a value, not the graph; set where each stage begins."""
 
     def __init__(self, value: float, device: torch.device) -> None:
         self.value = float(value)

@@ -120,19 +120,13 @@ def build_parts(
     amp_dtype, scaler = _amp(cfg, device, log, resuming)
     average = average_for(model, cfg)
     features = _feature_taps(cfg, model, teacher)
+    # the attention loss's weight: set again where each stage begins (EpochLoop.enter_stage)
+    weight = None if features is None else AttentionWeight(cfg.feature_kd, device)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
-        optimizer, scaler, amp_dtype, teacher, features, _attention_weight(features, device),
-        original, data_path, sign_penalty=_sign_penalty(cfg, device), average=average,
+        optimizer, scaler, amp_dtype, teacher, features, weight, original, data_path,
+        sign_penalty=_sign_penalty(cfg, device), average=average,
     )  # fmt: skip
-
-
-def _attention_weight(
-    features: tuple[FeatureTap, FeatureTap] | None, device: torch.device
-) -> AttentionWeight | None:
-    """The attention loss's weight, where there are taps; each stage sets it as it begins
-    (EpochLoop.enter_stage)."""
-    return None if features is None else AttentionWeight(0.0, device)
 
 
 def _sign_penalty(cfg: TrainConfig, device: torch.device) -> SignPenalty | None:
