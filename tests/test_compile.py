@@ -25,7 +25,8 @@ from recu_cli.bnn import binary_layers, convert_model, set_tau
 from recu_cli.convert_config import ConvertConfig
 from recu_cli.models import create_model
 from recu_cli.recipes import recipe_settings
-from recu_cli.training.distill import AttentionWeight, FeatureTap, feature_points
+from recu_cli.training.device_scalar import DeviceScalar
+from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.steps import forward_loss
 from tests.test_train import small_cifar  # noqa: F401 - fixture
 
@@ -137,7 +138,7 @@ def step_parts(model: nn.Module, teacher: nn.Module, taps: bool) -> SimpleNamesp
     if taps:
         points = feature_points(model, teacher)
         features = (FeatureTap(model, points), FeatureTap(teacher, points))
-        weight = AttentionWeight(3.0, torch.device("cpu"))
+        weight = DeviceScalar(3.0, torch.device("cpu"))
     return SimpleNamespace(
         ddp_model=model, teacher=teacher, features=features, attention_weight=weight,
         amp_dtype=None, device=torch.device("cpu"), sign_penalty=None, model=model,

@@ -115,7 +115,7 @@ def test_a_run_applies_both_schedules_step_by_step(
 
     def record(module, _inputs) -> None:
         if module.training:
-            penalty = float(trainer.parts.sign_penalty.scale)
+            penalty = float(trainer.parts.sign_penalty.scale.tensor)
             seen.append((penalty, float(module.weight_mix)))
             lrs.append([g["lr"] for g in trainer.parts.optimizer.param_groups])
 

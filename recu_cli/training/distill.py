@@ -61,22 +61,6 @@ def feature_points(student: nn.Module, teacher: nn.Module) -> list[str]:
     return shared
 
 
-class AttentionWeight:
-    """The attention loss's weight in the current stage (--feature-kd; in stage 2, times
-    --stage2-feature-kd-scale): a 0-dim device tensor that a compiled or captured step
-    reads, so the stage switch changes a value, not the graph; set where each stage begins."""
-
-    def __init__(self, value: float, device: torch.device) -> None:
-        self.value = float(value)
-        self.tensor = torch.tensor(self.value, dtype=torch.float32, device=device)
-
-    def set(self, value: float) -> None:
-        """In place (a captured step keeps reading the same buffer), only where it changes."""
-        if float(value) != self.value:
-            self.value = float(value)
-            self.tensor.fill_(self.value)
-
-
 class FeatureTap:
     """Collects the outputs of named modules during a forward pass (forward hooks)."""
 

@@ -24,7 +24,8 @@ from recu_cli.models.create import create_model, reset_head
 from recu_cli.spec import ModelSpec
 from recu_cli.training.average import WeightAverage, average_for
 from recu_cli.training.config import TrainConfig
-from recu_cli.training.distill import AttentionWeight, FeatureTap, feature_points
+from recu_cli.training.device_scalar import DeviceScalar
+from recu_cli.training.distill import FeatureTap, feature_points
 from recu_cli.training.distributed import DistInfo
 from recu_cli.training.optim import build_optimizer, optimizer_options
 from recu_cli.training.sampling import EpochBatchSampler, SeededItems
@@ -50,7 +51,7 @@ class Parts:
     amp_dtype: torch.dtype | None  # None: no autocast
     teacher: nn.Module | None = None
     features: tuple[FeatureTap, FeatureTap] | None = None  # student's and teacher's taps
-    attention_weight: AttentionWeight | None = None  # the stage's weight of their loss
+    attention_weight: DeviceScalar | None = None  # the stage's weight of their loss
     original: nn.Module | None = None  # the unconverted model, for step 0 (then dropped)
     data_path: DataPathChoice | None = None  # which loaders (fastdata/choice.py) and why
     fast: Any = None  # --compile: the compiled (CUDA-graph) step, training/fast_step.py
@@ -121,7 +122,7 @@ def build_parts(
     average = average_for(model, cfg)
     features = _feature_taps(cfg, model, teacher)
     # the attention loss's weight: set again where each stage begins (EpochLoop.enter_stage)
-    weight = None if features is None else AttentionWeight(cfg.feature_kd, device)
+    weight = None if features is None else DeviceScalar(cfg.feature_kd, device)
     return Parts(
         device, model, ddp_model, spec, report, data, sampler, train_loader, val_loader,
         optimizer, scaler, amp_dtype, teacher, features, weight, original, data_path,

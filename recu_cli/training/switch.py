@@ -24,6 +24,7 @@ from torch import nn
 
 from recu_cli.binarize.weights import centred, sign_gap
 from recu_cli.bnn import binary_layers
+from recu_cli.training.device_scalar import DeviceScalar
 
 
 def ramp_mix(step_in_stage: int, ramp_steps: int) -> float:
@@ -53,23 +54,19 @@ def set_weight_mix(model: nn.Module, mix: float) -> None:
 
 
 class SignPenalty:
-    """Stage 1's penalty weight L * s: a 0-dim device tensor, which a compiled or captured
-    step reads (no recompile as s grows), and its host mirror, which lets the eager step
-    skip the term where it is 0 (all of stage 2)."""
+    """Stage 1's penalty weight L * s, a device scalar (training/device_scalar.py): a
+    compiled or captured step reads it as s grows, without a recompile, and the eager step
+    skips the term where it is 0 (all of stage 2)."""
 
     def __init__(self, weight: float, device: torch.device) -> None:
         self.weight = float(weight)
-        self.scale = torch.zeros((), device=device)
-        self.value = 0.0
+        self.scale = DeviceScalar(0.0, device)
 
     def set_share(self, share: float) -> None:
-        value = self.weight * share
-        if value != self.value:
-            self.scale.fill_(value)
-            self.value = value
+        self.scale.set(self.weight * share)
 
     def term(self, model: nn.Module) -> torch.Tensor | None:
         """L * s * mean sign_gap, or None where it is 0 in an eager step."""
-        if self.value == 0.0 and not torch.compiler.is_compiling():
+        if self.scale.value == 0.0 and not torch.compiler.is_compiling():
             return None
-        return self.scale * model_sign_gap(model)
+        return self.scale.tensor * model_sign_gap(model)
