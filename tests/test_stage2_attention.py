@@ -94,23 +94,18 @@ def test_ctrl_c_in_stage_two_resumes_with_its_weight_to_the_bit(
     tmp_path,
 ) -> None:
     """Ctrl-C at stage 2's third step, then --resume (which enters stage 2 without a
-    switch): the same weights and packed file as a run never stopped; a run that kept
-    --feature-kd in stage 2 ends elsewhere (the weight reaches the step)."""
+    switch): the same weights and packed file as a run never stopped (that the weight
+    reaches the step is the per-stage test's)."""
 
-    def config(name: str, scale: float = 0.5) -> TrainConfig:
+    def config(name: str) -> TrainConfig:
         return finetune_config(
             small_cifar, resnet20_weights, tmp_path, name, epochs=2,
-            stage2_feature_kd_scale=scale,
+            stage2_feature_kd_scale=0.5,
         )  # fmt: skip
 
-    straight = Trainer(config("straight"), quiet=True)
-    straight.fit()
+    Trainer(config("straight"), quiet=True).fit()
     saved = ctrl_c_then_resume_equals_straight(config, tmp_path, STEPS + 3, 2 * STEPS)
     assert saved == {"epoch": 2, "step_in_epoch": 3, "global_step": STEPS + 3}
-    kept = Trainer(config("kept", scale=1.0), quiet=True)
-    kept.fit()
-    a, b = straight.parts.model.state_dict(), kept.parts.model.state_dict()
-    assert not torch.equal(a["layer1.0.conv1.weight"], b["layer1.0.conv1.weight"])
 
 
 def test_a_compiled_loss_reads_the_new_weight_without_recompiling() -> None:
