@@ -12,11 +12,14 @@ is all 45,000); validation: the full val/ split. Prints a markdown table; JSON i
 
 The rows of docs/results.md measured before issue 27 ran with the finetune default of the
 time: add `-- --lr 2e-3 --switch-moments reset --kd-temperature 1 --ema-decay 0
---feature-kd 3 --stage2-feature-kd-scale 1` to rerun them. The issue-27 candidates carry
-the default they were measured on already (those of its first seven rounds packed the last
-step's weights, `--ema-decay 0`), except for the attention loss: its first ten rounds
+--feature-kd 3 --stage2-feature-kd-scale 1 --stage2-short-cycles 0` to rerun them. The
+issue-27 candidates carry the default they were measured on already (those of its first
+seven rounds packed the last step's weights, `--ema-decay 0`), except for the attention
+loss and stage 2's schedule: its first ten rounds
 weighed it 3 in both stages, so add `-- --feature-kd 3 --stage2-feature-kd-scale 1` to
-rerun them, but for the `ft-fkd*` and `ft-before11` variants, which pin it.
+rerun them, and its first eleven rounds ran one cosine over stage 2, so add
+`--stage2-short-cycles 0` too (but for the variants that set it themselves, `*-cyc*`);
+the `ft-fkd*`, `ft-before11` and `ft-63-*` variants pin both.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ AVG7 = [*AVG, "--ema-memory", "fixed"]  # the seventh round's average (a fixed m
 THR = [*BASE, "--act", "prelu", "--act-threshold", "median", "--lr", "2e-3"]
 STAGES = [*THR, "--stage1-epochs", "3"]
 FKD = [*STAGES, "--feature-kd", "3"]
+# the eleventh round's default: the attention loss 6 in stage 1, 3 in stage 2; the rounds
+# before the twelfth ran one cosine over stage 2
+ATT63 = ["--feature-kd", "6", "--stage2-feature-kd-scale", "0.5"]
+ONE_COSINE = ["--stage2-short-cycles", "0"]
 VARIANTS: dict[str, list[str]] = {
     "paper": BASE,
     "+thresholds": THR,
@@ -136,13 +143,18 @@ VARIANTS: dict[str, list[str]] = {
     # results.md's tenth round: the attention loss's weight on either side of the default's
     # 3 (--feature-kd; 10 was measured on the subset only, under temperature 2 and lr 8e-3)
     # (the same weight in both stages, as then)
-    "ft-fkd1.5": ["--feature-kd", "1.5", "--stage2-feature-kd-scale", "1"],
-    "ft-fkd6": ["--feature-kd", "6", "--stage2-feature-kd-scale", "1"],
+    "ft-fkd1.5": [*ONE_COSINE, "--feature-kd", "1.5", "--stage2-feature-kd-scale", "1"],
+    "ft-fkd6": [*ONE_COSINE, "--feature-kd", "6", "--stage2-feature-kd-scale", "1"],
     # the eleventh round: the attention loss weighed per stage; the default before it (3 in
     # both stages), and 6 in stage 1 with 3 in stage 2, today's default (its seeds 44/45
     # ran with the lever's first form, --stage2-feature-kd 3)
-    "ft-before11": ["--feature-kd", "3", "--stage2-feature-kd-scale", "1"],
-    "ft-fkd6-s2fkd3": ["--feature-kd", "6", "--stage2-feature-kd-scale", "0.5"],
+    "ft-before11": [*ONE_COSINE, "--feature-kd", "3", "--stage2-feature-kd-scale", "1"],
+    "ft-fkd6-s2fkd3": [*ONE_COSINE, *ATT63],
+    # the twelfth round, on top of the eleventh's default (6 / 3, one stage-2 cosine): a
+    # lower stage-2 peak, and stage 2's first epoch annealed on its own (today's default,
+    # the same as --only finetune)
+    "ft-63-s2lr0.75": [*ONE_COSINE, *ATT63, "--stage2-lr-scale", "0.75"],
+    "ft-63-cyc1": [*ATT63, "--stage2-short-cycles", "1"],
 }
 
 

@@ -233,14 +233,19 @@ def scheduled_lrs(cfg: TrainConfig, steps: int, stage: int = 2, spe: int = 4) ->
     return seen
 
 
+# cosines from a peak of 8e-3 over one and two epochs of 4 steps: lr(k) = peak/2 (1 + cos(pi
+# k / n)), by hand; the second half of the longer one mirrors its first (cos(pi - x) = -cos x)
+ONE_EPOCH = [8e-3, 6.828427124746190e-3, 4e-3, 1.171572875253810e-3]
+TWO_EPOCHS = [8e-3, 7.695518130045147e-3, 6.828427124746190e-3, 5.530733729460359e-3, 4e-3]
+TWO_EPOCHS += [8e-3 - v for v in reversed(TWO_EPOCHS[1:4])]
+
+
 def test_stage2_short_cycles_by_hand() -> None:
     """--stage2-short-cycles over a 3-epoch stage 2 of 4 steps an epoch: K one-epoch
     cosines lr(k) = peak/2 (1 + cos(pi k / 4)), then one cosine over the rest; stage 1
     keeps its one cosine; steps past the stage stay at --min-lr."""
     peak = 8e-3
-    epoch = [8e-3, 6.828427124746190e-3, 4e-3, 1.171572875253810e-3]  # by hand
-    two_epochs = [8e-3, 7.695518130045147e-3, 6.828427124746190e-3, 5.530733729460359e-3]
-    two_epochs += [4e-3, *(peak - v for v in reversed(two_epochs[1:]))]  # cos(pi-x) = -cos x
+    epoch, two_epochs = ONE_EPOCH, TWO_EPOCHS
     lrs = scheduled_lrs
 
     def cfg(**kw) -> TrainConfig:
@@ -261,6 +266,20 @@ def test_stage2_short_cycles_by_hand() -> None:
     assert lrs(one_stage, 4, spe=2) == approx(epoch)  # no switch: one cosine over the run
     cut = cfg(stage2_short_cycles=2, max_steps=4 + 6)  # stage 2 cut after 6 of its steps
     assert lrs(cut, 7) == approx([*epoch, 8e-3, 4e-3, 0.0])  # the cut cycle ends at the cut
+
+
+def test_finetune_anneals_stage_two_s_first_epoch_on_its_own() -> None:
+    """The default since issue 27's twelfth round: a 6-epoch finetune run's stage 2 is a
+    one-epoch cosine from its peak (--lr 8e-3) to 0, then one over its last two epochs;
+    `paper` has none, and a run saved before the lever resumes with none."""
+    cfg = TrainConfig(model="m", data="d", epochs=6)
+    assert (cfg.base_lr, cfg.stage1_epochs, cfg.short_cycles_in_use) == (8e-3, 3, 1)
+    approx = partial(pytest.approx, rel=1e-12, abs=1e-15)
+    assert scheduled_lrs(cfg, 13) == approx([*ONE_EPOCH, *TWO_EPOCHS, 0.0])
+    assert TrainConfig(model="m", data="d", recipe="paper").stage2_short_cycles == 0
+    saved = cfg.to_dict()
+    del saved["stage2_short_cycles"]
+    assert TrainConfig.from_dict(saved).stage2_short_cycles == 0
 
 
 def test_stage2_short_cycles_take_a_warm_up_of_less_than_their_epoch() -> None:
