@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from recu_cli.binarize.tau import TAU_MAX, TAU_MIN
+from recu_cli.errors import RecuError
 from recu_cli.training.config import TrainConfig
 from tests.conftest import require_module
 from tests.test_cli_models import assert_one_line_error, run_cli
@@ -92,7 +93,6 @@ def test_yaml_without_pyyaml_says_how_to_install_it(capsys, tmp_path, monkeypatc
 
 
 def test_cross_flag_rules_live_in_validate() -> None:
-    from recu_cli.errors import RecuError
 
     with pytest.raises(RecuError, match="--plain-sign has no clamp"):
         config_of("resnet20", "--data", "demo", "--plain-sign", "--tau-min", "0.9").validate()
@@ -138,3 +138,29 @@ def test_tau_defaults_come_from_the_schedule_module() -> None:
     assert (TrainConfig(model="m", data="d").tau_min, TrainConfig.tau_max) == (TAU_MIN, TAU_MAX)
     params = inspect.signature(binarize).parameters
     assert (params["tau_min"].default, params["tau_max"].default) == (TAU_MIN, TAU_MAX)
+
+
+def test_every_binarize_command_in_the_docs_is_a_valid_run() -> None:
+    """reproduce.md's paper schedules once ran on the default recipe, whose attention loss
+    refuses their --teacher none: every `recu binarize MODEL ...` line of the README and
+    docs/ (fenced, continuation lines joined; not --resume, not a synopsis) validates."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    checked = 0
+    for path in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        for block in re.findall(r"```.*?```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0]  # a comment may say "as recu binarize runs"
+                found = re.search(r"(?:^|\s)(?:recu|-m recu_cli) binarize (.*)", line)
+                if not found or "--resume" in line or "MODEL" in line:
+                    continue
+                args = shlex.split(found.group(1))
+                try:
+                    config_of(*args).validate()
+                except RecuError as e:
+                    raise AssertionError(f"{path.name}: recu binarize {' '.join(args)}: {e}") from e
+                checked += 1
+    assert checked >= 15  # it reads them (README, usage, results, reproduce)
