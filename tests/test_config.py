@@ -93,7 +93,6 @@ def test_yaml_without_pyyaml_says_how_to_install_it(capsys, tmp_path, monkeypatc
 
 
 def test_cross_flag_rules_live_in_validate() -> None:
-
     with pytest.raises(RecuError, match="--plain-sign has no clamp"):
         config_of("resnet20", "--data", "demo", "--plain-sign", "--tau-min", "0.9").validate()
     with pytest.raises(RecuError, match="--stage1-epochs"):
