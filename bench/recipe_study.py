@@ -146,8 +146,8 @@ VARIANTS: dict[str, list[str]] = {
     "ft-fkd1.5": [*ONE_COSINE, "--feature-kd", "1.5", "--stage2-feature-kd-scale", "1"],
     "ft-fkd6": [*ONE_COSINE, "--feature-kd", "6", "--stage2-feature-kd-scale", "1"],
     # the eleventh round: the attention loss weighed per stage; the default before it (3 in
-    # both stages), and 6 in stage 1 with 3 in stage 2, today's default (its seeds 44/45
-    # ran with the lever's first form, --stage2-feature-kd 3)
+    # both stages), and 6 in stage 1 with 3 in stage 2, that round's default (its seeds
+    # 44/45 ran with the lever's first form, --stage2-feature-kd 3)
     "ft-before11": [*ONE_COSINE, "--feature-kd", "3", "--stage2-feature-kd-scale", "1"],
     "ft-fkd6-s2fkd3": [*ONE_COSINE, *ATT63],
     # the twelfth round, on top of the eleventh's default (6 / 3, one stage-2 cosine): a
