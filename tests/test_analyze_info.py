@@ -556,6 +556,14 @@ def test_fuzz_edit_inside_metadata_json(key: str, data) -> None:
     _try_everything({**_fuzz_base()[1], key: json.dumps(doc)})
 
 
+def test_a_number_as_storage_float_dtype_stays_out_of_info_json() -> None:
+    """Found by the fuzz above in CI: 'storage' whose float_dtype is Infinity reached
+    `recu info --json` as a non-finite number; now the file is refused as damaged."""
+    base = _fuzz_base()[1]
+    storage = {**json.loads(base["storage"]), "float_dtype": math.inf}
+    _try_everything({**base, "storage": json.dumps(storage)})
+
+
 @FUZZ
 @given(drop=st.sets(st.sampled_from(KEYS), min_size=1, max_size=3))
 def test_fuzz_missing_metadata_keys(drop: set[str]) -> None:

@@ -246,9 +246,16 @@ def check_encoding(path: Path, encoding: Any) -> dict[str, Any]:
 
 
 def check_storage(path: Path, storage: Any) -> dict[str, Any]:
-    if not isinstance(storage, dict) or not isinstance(storage.get("latent"), bool):
+    """Only the two entries a writer puts there, each of its type: what `recu info --json`
+    passes on stays plain JSON (a number such as Infinity in float_dtype once leaked)."""
+    if (
+        not isinstance(storage, dict)
+        or not isinstance(storage.get("latent"), bool)
+        or not isinstance(storage.get("float_dtype", ""), str)
+        or len(storage.get("float_dtype", "")) > 16
+    ):
         raise damaged(path, f"metadata '{s.STORAGE}' is malformed")
-    return storage
+    return {k: storage[k] for k in ("float_dtype", "latent") if k in storage}
 
 
 def check_tau(path: Path, tau: Any) -> float | None:
